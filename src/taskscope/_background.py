@@ -1,0 +1,86 @@
+"""The drop-in classes: real subclasses of Starlette's, instrumented in ``__call__``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, ParamSpec
+
+from starlette.background import BackgroundTask as StarletteBackgroundTask
+from starlette.background import BackgroundTasks as StarletteBackgroundTasks
+
+from taskscope._run import capture, run_tasks
+from taskscope._runtime import runtime_of
+
+if TYPE_CHECKING:
+    from taskscope._config import Telemetry
+
+P = ParamSpec("P")
+
+__all__ = ("BackgroundTask", "BackgroundTasks")
+
+
+def _check_callable(func: object) -> None:
+    if not callable(func):
+        msg = (
+            f"background task must be callable, got {type(func).__qualname__} "
+            f"({_short_repr(func)}); pass the function itself, not its result"
+        )
+        raise TypeError(msg)
+
+
+def _short_repr(obj: object) -> str:
+    try:
+        text = repr(obj)
+    except Exception:
+        return f"<{type(obj).__qualname__}>"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class BackgroundTask(StarletteBackgroundTask):
+    """Starlette's ``BackgroundTask``, observed: a span, metrics and logs for its run."""
+
+    def __init__(self, func: Callable[P, Any], *args: P.args, **kwargs: P.kwargs) -> None:
+        _check_callable(func)
+        super().__init__(func, *args, **kwargs)
+        self._taskscope = capture(func, None)
+
+    async def __call__(self) -> None:
+        await run_tasks([self])
+
+
+class BackgroundTasks(StarletteBackgroundTasks):
+    """Starlette's ``BackgroundTasks``, observed; same API, order and failure semantics.
+
+    ``telemetry`` (keyword only) overrides the settings for the tasks of this object;
+    otherwise those of :func:`taskscope.instrument_app` or the process default apply.
+    """
+
+    def __init__(
+        self,
+        tasks: Sequence[StarletteBackgroundTask] | None = None,
+        *,
+        telemetry: Telemetry | None = None,
+    ) -> None:
+        super().__init__(tasks)
+        self._telemetry = telemetry
+        self._warned_size = False
+
+    def add_task(self, func: Callable[P, Any], *args: P.args, **kwargs: P.kwargs) -> None:
+        _check_callable(func)
+        task = BackgroundTask.__new__(BackgroundTask)
+        StarletteBackgroundTask.__init__(task, func, *args, **kwargs)
+        task._taskscope = capture(func, self._telemetry)
+        self.tasks.append(task)
+        if not self._warned_size:
+            self._check_size(task._taskscope)
+
+    def _check_size(self, cap: Any) -> None:
+        limit = cap.telemetry.max_tasks_per_response
+        if len(self.tasks) > limit:
+            self._warned_size = True
+            runtime_of(cap.telemetry).warning(
+                cap.name, "too_many_tasks", count=len(self.tasks), limit=limit
+            )
+
+    async def __call__(self) -> None:
+        await run_tasks(self.tasks, self._telemetry)

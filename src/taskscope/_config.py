@@ -1,0 +1,125 @@
+"""The one frozen settings object that every part of taskscope reads."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Literal
+
+from taskscope._redact import redact_secrets
+
+if TYPE_CHECKING:
+    from opentelemetry.metrics import MeterProvider
+    from opentelemetry.trace import TracerProvider
+    from prometheus_client import CollectorRegistry
+
+SpanMode = Literal["child", "link", "off"]
+_SPAN_MODES: tuple[SpanMode, ...] = ("child", "link", "off")
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class Telemetry:
+    """How taskscope observes background tasks.
+
+    Every argument has a working default; ``None`` providers and registry are resolved
+    late, at first use: the process Prometheus registry and the global OpenTelemetry
+    providers. Nothing is read from the environment unless you call :meth:`from_env`.
+    """
+
+    registry: CollectorRegistry | None = None
+    """Prometheus registry for taskscope's metrics (default: the process registry)."""
+    prometheus: bool = True
+    """Record Prometheus metrics."""
+    tracer_provider: TracerProvider | None = None
+    """OpenTelemetry tracer provider (default: the global one, looked up at use)."""
+    meter_provider: MeterProvider | None = None
+    """OpenTelemetry meter provider for the OTel copies of the metrics (default: global)."""
+    otel_metrics: bool = True
+    """Record the metrics through the OpenTelemetry metrics API as well."""
+    span_mode: SpanMode = "child"
+    """``child``: the task span is a child of the request span; ``link``: a new trace
+    linked to it (use when incoming trace context is not trusted); ``off``: no spans."""
+    logger: Any = None
+    """A structlog logger (default: ``structlog.get_logger("taskscope")``)."""
+    continue_on_error: bool = False
+    """Run the remaining tasks of a response after one fails (Starlette stops)."""
+    max_task_names: int = 500
+    """Distinct task names before new ones are recorded as ``__other__``."""
+    max_tasks_per_response: int = 1000
+    """Past this many ``add_task`` calls on one object, warn once (and count)."""
+    max_message_length: int = 256
+    """Exception messages are truncated to this many characters."""
+    redact: Callable[[str], str] = redact_secrets
+    """Applied to every exception message before it is recorded anywhere."""
+    loop_probe: bool = True
+    """Measure event-loop lag and detect steps of async tasks that block the loop."""
+    block_threshold: float = 0.1
+    """A step of an async task that holds the loop this long (seconds) is a block."""
+    lag_interval: float = 0.1
+    """Seconds between two heartbeats of the loop-lag probe."""
+    clock: Callable[[], float] = time.perf_counter
+    """Monotonic clock in seconds (inject a fake one in tests)."""
+    _runtime: Any = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.span_mode not in _SPAN_MODES:
+            msg = f"span_mode must be one of {_SPAN_MODES}, not {self.span_mode!r}"
+            raise ValueError(msg)
+        for name in ("block_threshold", "lag_interval"):
+            if not getattr(self, name) > 0:
+                msg = f"{name} must be a positive number of seconds"
+                raise ValueError(msg)
+        for name in ("max_task_names", "max_tasks_per_response", "max_message_length"):
+            if getattr(self, name) < 1:
+                msg = f"{name} must be at least 1"
+                raise ValueError(msg)
+
+    def with_options(self, **changes: Any) -> Telemetry:
+        """A copy with some settings changed (instruments are not shared)."""
+        return replace(self, **changes)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Telemetry:
+        """Build settings from ``TASKSCOPE_*`` variables (read now, never at import).
+
+        Recognised: ``TASKSCOPE_SPAN_MODE``, ``TASKSCOPE_CONTINUE_ON_ERROR``,
+        ``TASKSCOPE_MAX_TASK_NAMES``, ``TASKSCOPE_LOOP_PROBE``, ``TASKSCOPE_BLOCK_THRESHOLD``,
+        ``TASKSCOPE_LAG_INTERVAL``, ``TASKSCOPE_PROMETHEUS``, ``TASKSCOPE_OTEL_METRICS``,
+        ``TASKSCOPE_MAX_MESSAGE_LENGTH``. Keyword arguments win over the environment.
+        """
+        env = os.environ if environ is None else environ
+        kwargs: dict[str, Any] = {}
+        parsers: dict[str, tuple[str, Callable[[str], Any]]] = {
+            "TASKSCOPE_SPAN_MODE": ("span_mode", str.strip),
+            "TASKSCOPE_CONTINUE_ON_ERROR": ("continue_on_error", _parse_bool),
+            "TASKSCOPE_MAX_TASK_NAMES": ("max_task_names", int),
+            "TASKSCOPE_LOOP_PROBE": ("loop_probe", _parse_bool),
+            "TASKSCOPE_BLOCK_THRESHOLD": ("block_threshold", float),
+            "TASKSCOPE_LAG_INTERVAL": ("lag_interval", float),
+            "TASKSCOPE_PROMETHEUS": ("prometheus", _parse_bool),
+            "TASKSCOPE_OTEL_METRICS": ("otel_metrics", _parse_bool),
+            "TASKSCOPE_MAX_MESSAGE_LENGTH": ("max_message_length", int),
+        }
+        for variable, (name, parse) in parsers.items():
+            raw = env.get(variable)
+            if raw is None or raw == "":
+                continue
+            try:
+                kwargs[name] = parse(raw)
+            except ValueError as exc:
+                msg = f"{variable}={raw!r}: {exc}"
+                raise ValueError(msg) from None
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+
+def _parse_bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off"}:
+        return False
+    msg = "expected true/false"
+    raise ValueError(msg)

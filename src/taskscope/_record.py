@@ -1,0 +1,55 @@
+"""The frozen record of one task's run: every signal is fed from it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Outcome = Literal["success", "failure", "cancelled", "skipped", "abandoned"]
+OUTCOMES: tuple[Outcome, ...] = ("success", "failure", "cancelled", "skipped", "abandoned")
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRecord:
+    """What happened to one task that was added. Exactly one per task."""
+
+    name: str
+    """Bounded task name (``module.qualname`` or ``__other__``)."""
+    outcome: Outcome
+    sync: bool
+    """Ran (or would have run) in the threadpool."""
+    duration: float
+    """Seconds the task ran (0 if it never started)."""
+    wait: float | None
+    """Seconds from the response being sent (the tasks starting) to this task's start."""
+    thread_wait: float | None = None
+    """Sync tasks: seconds spent waiting for a free worker thread."""
+    error_type: str | None = None
+    """Exception class name for ``failure`` and ``cancelled``."""
+    error_message: str | None = None
+    """Truncated, redacted exception message."""
+    trace_id: str | None = None
+    span_id: str | None = None
+    loop_busy: float = 0.0
+    """Async tasks: seconds the task's steps held the event loop."""
+    loop_blocks: int = 0
+    """Async tasks: steps longer than the block threshold."""
+
+
+@dataclass(frozen=True, slots=True)
+class BlockRecord:
+    """One step of an async task that held the event loop past the threshold."""
+
+    task: str
+    duration: float
+    """Seconds the step held the loop (so far, if ``ongoing``)."""
+    location: str
+    """``file:line`` of the blocking code (best available)."""
+    stack: tuple[str, ...]
+    """Innermost frames, ``file:line in function``, outermost first."""
+    sampled: bool
+    """True if the location comes from a stack sampled during the block."""
+    ongoing: bool
+    """Reported by the watchdog while the loop was still blocked."""
+    trace_id: str | None = None
+    span_id: str | None = None

@@ -1,0 +1,309 @@
+"""Running a response's tasks: one span, one record, one outcome per task."""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.to_thread
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+
+from taskscope._naming import callable_name
+from taskscope._record import Outcome, TaskRecord
+from taskscope._runtime import Runtime, resolve, runtime_of
+
+if TYPE_CHECKING:
+    from opentelemetry.context import Context
+    from opentelemetry.trace import Span
+    from starlette.background import BackgroundTask
+
+    from taskscope._config import Telemetry
+
+_INVALID = trace.INVALID_SPAN_CONTEXT
+_INTERRUPTIONS = (KeyboardInterrupt, GeneratorExit)
+
+
+class Capture:
+    """What ``add_task`` captures: the telemetry, the task name, the OTel context."""
+
+    __slots__ = ("context", "name", "telemetry")
+
+    def __init__(self, telemetry: Telemetry, name: str, context: Context) -> None:
+        self.telemetry = telemetry
+        self.name = name
+        self.context = context
+
+
+def capture(func: Callable[..., Any], explicit: Telemetry | None) -> Capture:
+    telemetry = resolve(explicit)
+    name = runtime_of(telemetry).names.admit(callable_name(func))
+    return Capture(telemetry, name, otel_context.get_current())
+
+
+def capture_of(task: BackgroundTask, explicit: Telemetry | None) -> Capture:
+    found = getattr(task, "_taskscope", None)
+    if isinstance(found, Capture):
+        return found
+    # A plain Starlette task (instrument()/instrument_app() paths): capture at run time.
+    return capture(task.func, explicit)
+
+
+class TaskRun:
+    """Mutable state of one task while it runs (read by the loop probe)."""
+
+    __slots__ = ("blocks", "busy", "name", "runtime", "span", "span_id", "threshold", "trace_id")
+
+    def __init__(self, name: str, runtime: Runtime) -> None:
+        self.name = name
+        self.runtime = runtime
+        self.threshold = runtime.telemetry.block_threshold
+        self.busy = 0.0
+        self.blocks = 0
+        self.span: Span | None = None
+        self.trace_id: str | None = None
+        self.span_id: str | None = None
+
+
+async def run_tasks(
+    tasks: Sequence[BackgroundTask],
+    explicit: Telemetry | None = None,
+    *,
+    continue_on_error: bool | None = None,
+) -> None:
+    """Run tasks one after another, as Starlette does, recording each one's outcome."""
+    captures = [capture_of(task, explicit) for task in tasks]
+    if not captures:
+        return
+    first = captures[0]
+    runtime = runtime_of(first.telemetry)
+    keep_going = first.telemetry.continue_on_error if continue_on_error is None else continue_on_error
+    clock = first.telemetry.clock
+    sent_at = clock()
+    for task, cap in zip(tasks, captures, strict=True):
+        runtime_of(cap.telemetry).track(id(task), cap.name, 0.0)
+    error: Exception | None = None
+    index = 0
+    try:
+        for index, (task, cap) in enumerate(zip(tasks, captures, strict=True)):  # noqa: B007
+            if error is not None and not keep_going:
+                break
+            try:
+                await run_one(task, cap, sent_at)
+            except Exception as exc:
+                if error is None:
+                    error = exc
+        else:
+            index = len(tasks)
+    except BaseException:
+        # Cancelled (shutdown) or interrupted: the tasks that never started are abandoned.
+        _record_not_run(tasks[index + 1 :], captures[index + 1 :], "abandoned")
+        raise
+    _record_not_run(tasks[index:], captures[index:], "skipped")
+    if error is not None:
+        raise error
+
+
+def _record_not_run(tasks: Sequence[BackgroundTask], captures: list[Capture], outcome: Outcome) -> None:
+    for task, cap in zip(tasks, captures, strict=True):
+        runtime = runtime_of(cap.telemetry)
+        runtime.untrack(id(task))
+        span_context = trace.get_current_span(cap.context).get_span_context()
+        trace_id = format(span_context.trace_id, "032x") if span_context.is_valid else None
+        runtime.record(
+            TaskRecord(
+                cap.name,
+                outcome,
+                not getattr(task, "is_async", True),
+                0.0,
+                None,
+                trace_id=trace_id,
+            )
+        )
+
+
+async def run_one(task: BackgroundTask, cap: Capture, sent_at: float) -> None:
+    """Run one task inside its span; record exactly one outcome; re-raise unchanged."""
+    runtime = runtime_of(cap.telemetry)
+    telemetry = cap.telemetry
+    clock = telemetry.clock
+    run = TaskRun(cap.name, runtime)
+    sync = not task.is_async
+    start = clock()
+    runtime.track(id(task), cap.name, start)
+    span, token = _start_span(runtime, run, cap, sync, start - sent_at)
+    runtime.task_started(cap.name)
+    outcome: Outcome = "success"
+    error: BaseException | None = None
+    thread_started: list[float] = []
+    try:
+        if sync:
+            await _run_sync(task, run, thread_started, clock)
+        else:
+            await _run_async(task, run)
+    except BaseException as exc:
+        error = exc
+        outcome = _outcome_of(exc)
+        raise
+    finally:
+        end = clock()
+        runtime.untrack(id(task))
+        runtime.task_finished(cap.name)
+        error_type = error_message = None
+        if error is not None:
+            error_type = type(error).__name__
+            error_message = safe_message(error, telemetry)
+        if span is not None:
+            _end_span(runtime, span, token, outcome, error, error_type, error_message)
+        runtime.record(
+            TaskRecord(
+                cap.name,
+                outcome,
+                sync,
+                end - start,
+                start - sent_at,
+                thread_wait=(thread_started[0] - start) if thread_started else None,
+                error_type=error_type,
+                error_message=error_message,
+                trace_id=run.trace_id,
+                span_id=run.span_id,
+                loop_busy=run.busy,
+                loop_blocks=run.blocks,
+            )
+        )
+
+
+def _outcome_of(exc: BaseException) -> Outcome:
+    if isinstance(exc, Exception):
+        return "failure"
+    if isinstance(exc, anyio.get_cancelled_exc_class()) or isinstance(exc, _INTERRUPTIONS):
+        return "cancelled"
+    return "failure"  # SystemExit and other BaseExceptions raised by the task itself
+
+
+async def _run_async(task: BackgroundTask, run: TaskRun) -> None:
+    from taskscope._probe import monitored
+
+    awaitable = task.func(*task.args, **task.kwargs)
+    await monitored(awaitable, run)
+
+
+async def _run_sync(
+    task: BackgroundTask, run: TaskRun, thread_started: list[float], clock: Callable[[], float]
+) -> None:
+    func, args, kwargs = task.func, task.args, task.kwargs
+
+    def in_worker_thread() -> Any:
+        thread_started.append(clock())
+        return func(*args, **kwargs)
+
+    result = await anyio.to_thread.run_sync(in_worker_thread)
+    if inspect.isawaitable(result):
+        _flag_unawaited(result, run)
+
+
+def _flag_unawaited(result: Any, run: TaskRun) -> None:
+    """A sync callable returned a coroutine: Starlette would drop it silently."""
+    if inspect.iscoroutine(result):
+        result.close()  # it will never run; closing avoids a second, vaguer warning
+    run.runtime.warning(run.name, "coroutine_not_awaited", trace_id=run.trace_id)
+    warnings.warn(
+        f"background task {run.name} is a sync callable that returned an awaitable; "
+        "it was not awaited (declare it `async def` to run it)",
+        RuntimeWarning,
+        stacklevel=1,
+    )
+
+
+def safe_message(error: BaseException, telemetry: Telemetry) -> str:
+    """``str(error)``, truncated and redacted; never raises."""
+    limit = telemetry.max_message_length
+    try:
+        text = str(error)
+    except BaseException:  # noqa: BLE001 - a hostile __str__ must not escape
+        text = f"<unprintable {type(error).__name__}>"
+    if not isinstance(text, str):
+        text = f"<unprintable {type(error).__name__}>"
+    if len(text) > limit:
+        text = text[:limit] + "…[truncated]"
+    try:
+        redacted = telemetry.redact(text)
+    except Exception:
+        return "<redaction failed>"
+    return redacted if isinstance(redacted, str) else "<redaction failed>"
+
+
+def _start_span(
+    runtime: Runtime, run: TaskRun, cap: Capture, sync: bool, wait: float
+) -> tuple[Span | None, object]:
+    try:
+        tracer = runtime.tracer
+        if tracer is None:
+            return None, None
+        parent_context: Context | None = cap.context
+        links: list[Link] | None = None
+        if runtime.telemetry.span_mode == "link":
+            parent = trace.get_current_span(cap.context).get_span_context()
+            links = [Link(parent)] if parent.is_valid else None
+            parent_context = otel_context.Context()
+        span = tracer.start_span(
+            f"background_task {cap.name}",
+            context=parent_context,
+            kind=SpanKind.INTERNAL,
+            attributes={
+                "code.function.name": cap.name,
+                "taskscope.task.sync": sync,
+                "taskscope.task.wait_s": wait,
+            },
+            links=links,
+        )
+        span_context = span.get_span_context()
+        if span_context.is_valid:
+            run.trace_id = format(span_context.trace_id, "032x")
+            run.span_id = format(span_context.span_id, "016x")
+        run.span = span
+        token = otel_context.attach(trace.set_span_in_context(span, cap.context))
+        return span, token
+    except Exception:
+        runtime.absorb("tracing")
+        return None, None
+
+
+def _end_span(
+    runtime: Runtime,
+    span: Span,
+    token: object,
+    outcome: Outcome,
+    error: BaseException | None,
+    error_type: str | None,
+    error_message: str | None,
+) -> None:
+    try:
+        if token is not None:
+            otel_context.detach(token)  # type: ignore[arg-type]
+    except Exception:
+        runtime.absorb("tracing")
+    try:
+        span.set_attribute("taskscope.task.outcome", outcome)
+        if error is not None and outcome == "failure":
+            cls = type(error)
+            qualified = cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+            span.set_attribute("error.type", qualified)
+            span.add_event(
+                "exception",
+                {
+                    "exception.type": qualified,
+                    "exception.message": error_message or "",
+                    "exception.escaped": True,
+                },
+            )
+            span.set_status(Status(StatusCode.ERROR, error_type))
+        elif error is not None:
+            span.set_attribute("taskscope.task.interrupted_by", error_type or "")
+        span.end()
+    except Exception:
+        runtime.absorb("tracing")

@@ -1,0 +1,241 @@
+"""Per-``Telemetry`` live state: the instruments, the name cap, the tasks in flight."""
+
+from __future__ import annotations
+
+import atexit
+import contextvars
+import threading
+import weakref
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+from taskscope._config import Telemetry
+from taskscope._naming import NameLimiter
+from taskscope._version import __version__
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Tracer
+
+    from taskscope._record import BlockRecord, TaskRecord
+
+_create_lock = threading.Lock()
+_default: Telemetry | None = None
+# Set by instrument_app()'s middleware for the duration of each request.
+current_telemetry: contextvars.ContextVar[Telemetry | None] = contextvars.ContextVar(
+    "taskscope_telemetry", default=None
+)
+
+
+def default_telemetry() -> Telemetry:
+    """The process default, created at first use (never at import)."""
+    global _default  # noqa: PLW0603 - the lazily resolved process default
+    if _default is None:
+        with _create_lock:
+            if _default is None:
+                _default = Telemetry()
+    return _default
+
+
+def resolve(explicit: Telemetry | None) -> Telemetry:
+    if explicit is not None:
+        return explicit
+    return current_telemetry.get() or default_telemetry()
+
+
+def runtime_of(telemetry: Telemetry) -> Runtime:
+    runtime: Runtime | None = telemetry._runtime
+    if runtime is None:
+        with _create_lock:
+            runtime = telemetry._runtime
+            if runtime is None:
+                runtime = Runtime(telemetry)
+                object.__setattr__(telemetry, "_runtime", runtime)
+    return runtime
+
+
+class Runtime:
+    """Fans every record out to the enabled signals and absorbs their failures."""
+
+    def __init__(self, telemetry: Telemetry) -> None:
+        self.telemetry = telemetry
+        self.names = NameLimiter(telemetry.max_task_names)
+        self.absorbed_errors = 0
+        self.prometheus: Any = None
+        self.otel_metrics: Any = None
+        self.logs: Any = None
+        self._sinks: list[tuple[str, Any]] = []
+        self._tracer: Tracer | None = None
+        self.inflight: dict[int, tuple[str, float]] = {}
+        self._inflight_lock = threading.Lock()
+        self._setup_sinks()
+        _exit_watch.add(self)
+
+    def _setup_sinks(self) -> None:
+        t = self.telemetry
+        if t.prometheus:
+            try:
+                from prometheus_client import REGISTRY
+
+                from taskscope._signals.prometheus import metrics_for
+
+                self.prometheus = metrics_for(t.registry if t.registry is not None else REGISTRY)
+                self._sinks.append(("prometheus", self.prometheus))
+            except Exception:  # a broken registry must not cost tasks
+                self.absorbed_errors += 1
+        if t.otel_metrics:
+            try:
+                from opentelemetry import metrics
+
+                from taskscope._signals.otel_metrics import OtelMetrics
+
+                provider = t.meter_provider or metrics.get_meter_provider()
+                self.otel_metrics = OtelMetrics(provider)
+                self._sinks.append(("otel_metrics", self.otel_metrics))
+            except Exception:
+                self.absorbed_errors += 1
+                self._count_error("otel_metrics")
+        import structlog
+
+        from taskscope._signals.logs import LogEvents
+
+        logger = t.logger if t.logger is not None else structlog.get_logger("taskscope")
+        self.logs = LogEvents(logger)
+        self._sinks.append(("logging", self.logs))
+
+    @property
+    def tracer(self) -> Tracer | None:
+        if self.telemetry.span_mode == "off":
+            return None
+        if self._tracer is None:
+            from opentelemetry import trace
+
+            provider = self.telemetry.tracer_provider or trace.get_tracer_provider()
+            self._tracer = provider.get_tracer("taskscope", __version__)
+        return self._tracer
+
+    # -- fan-out ---------------------------------------------------------------------
+    def _count_error(self, signal: str) -> None:
+        self.absorbed_errors += 1
+        if self.prometheus is not None and signal != "prometheus":
+            try:
+                self.prometheus.instrumentation_error(signal)
+            except Exception:  # noqa: S110 - counted above; nothing else can be done
+                pass
+
+    def absorb(self, signal: str) -> None:
+        """Count an error inside taskscope's own instrumentation (never raised)."""
+        self._count_error(signal)
+
+    def task_started(self, name: str) -> None:
+        for signal, sink in self._sinks:
+            if signal != "logging":
+                try:
+                    sink.task_started(name)
+                except Exception:
+                    self._count_error(signal)
+
+    def task_finished(self, name: str) -> None:
+        for signal, sink in self._sinks:
+            if signal != "logging":
+                try:
+                    sink.task_finished(name)
+                except Exception:
+                    self._count_error(signal)
+
+    def record(self, record: TaskRecord) -> None:
+        for signal, sink in self._sinks:
+            try:
+                sink.record(record)
+            except Exception:
+                self._count_error(signal)
+
+    def block_detected(self, block: BlockRecord) -> None:
+        for signal, sink in self._sinks:
+            try:
+                sink.block_detected(block)
+            except Exception:
+                self._count_error(signal)
+
+    def block_ended(self, block: BlockRecord, *, reported: bool) -> None:
+        for signal, sink in self._sinks:
+            try:
+                if signal == "logging" and not reported:
+                    sink.block_detected(block)
+                elif signal == "logging":
+                    sink.block_ended(block)
+                else:
+                    if not reported:
+                        sink.block_detected(block)
+                    sink.block_ended(block)
+            except Exception:
+                self._count_error(signal)
+
+    def lag(self, seconds: float) -> None:
+        for signal, sink in self._sinks:
+            if signal != "logging":
+                try:
+                    sink.lag(seconds)
+                except Exception:
+                    self._count_error(signal)
+
+    def warning(self, name: str, kind: str, **details: Any) -> None:
+        for signal, sink in self._sinks:
+            try:
+                if signal == "logging":
+                    sink.warning(name, kind, **details)
+                else:
+                    sink.warning(name, kind)
+            except Exception:
+                self._count_error(signal)
+
+    # -- accounting of tasks not yet ended ------------------------------------------------
+    def track(self, key: int, name: str, start: float) -> None:
+        with self._inflight_lock:
+            self.inflight[key] = (name, start)
+
+    def untrack(self, key: int) -> None:
+        with self._inflight_lock:
+            self.inflight.pop(key, None)
+
+    def abandon_inflight(self) -> dict[str, int]:
+        """Record every task not ended yet as ``abandoned`` (called at interpreter exit)."""
+        from taskscope._record import TaskRecord
+
+        with self._inflight_lock:
+            pending = list(self.inflight.values())
+            self.inflight.clear()
+        now = self.telemetry.clock()
+        names: Counter[str] = Counter()
+        for name, start in pending:
+            names[name] += 1
+            duration = max(0.0, now - start) if start else 0.0
+            self.record(TaskRecord(name, "abandoned", False, duration, None))
+        if names:
+            try:
+                self.logs.abandoned_summary(dict(names))
+            except Exception:
+                self._count_error("logging")
+        return dict(names)
+
+
+class _ExitWatch:
+    """One atexit hook for every runtime alive at exit (held weakly)."""
+
+    def __init__(self) -> None:
+        self._runtimes: weakref.WeakSet[Runtime] = weakref.WeakSet()
+        self._registered = False
+        self._lock = threading.Lock()
+
+    def add(self, runtime: Runtime) -> None:
+        with self._lock:
+            self._runtimes.add(runtime)
+            if not self._registered:
+                atexit.register(self.run)
+                self._registered = True
+
+    def run(self) -> None:
+        for runtime in list(self._runtimes):
+            runtime.abandon_inflight()
+
+
+_exit_watch = _ExitWatch()

@@ -1,0 +1,1 @@
+"""One small module per signal; each receives frozen records."""

@@ -1,0 +1,74 @@
+"""structlog events from the ``taskscope`` logger (taskscope never configures structlog)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from taskscope._record import BlockRecord, TaskRecord
+
+
+class LogEvents:
+    def __init__(self, logger: Any) -> None:
+        self._logger = logger
+
+    def record(self, record: TaskRecord) -> None:
+        if record.outcome == "failure":
+            self._logger.error(
+                "task.failed",
+                task=record.name,
+                duration_s=round(record.duration, 6),
+                error_type=record.error_type,
+                error=record.error_message,
+                sync=record.sync,
+                trace_id=record.trace_id,
+                span_id=record.span_id,
+            )
+        elif record.outcome == "skipped":
+            self._logger.warning(
+                "task.skipped",
+                task=record.name,
+                reason="an earlier task of the same response failed",
+                trace_id=record.trace_id,
+                span_id=record.span_id,
+            )
+        elif record.outcome == "abandoned":
+            self._logger.warning(
+                "task.abandoned",
+                task=record.name,
+                duration_s=round(record.duration, 6),
+                trace_id=record.trace_id,
+                span_id=record.span_id,
+            )
+
+    def block_detected(self, block: BlockRecord) -> None:
+        self._logger.warning(
+            "task.loop_blocked",
+            task=block.task,
+            duration_s=round(block.duration, 6),
+            ongoing=block.ongoing,
+            location=block.location,
+            stack=list(block.stack),
+            sampled=block.sampled,
+            trace_id=block.trace_id,
+            span_id=block.span_id,
+        )
+
+    def block_ended(self, block: BlockRecord) -> None:
+        self._logger.info(
+            "task.loop_unblocked",
+            task=block.task,
+            duration_s=round(block.duration, 6),
+            location=block.location,
+            trace_id=block.trace_id,
+            span_id=block.span_id,
+        )
+
+    def warning(self, name: str, kind: str, **details: Any) -> None:
+        self._logger.warning(f"task.{kind}", task=name, **details)
+
+    def abandoned_summary(self, names: dict[str, int]) -> None:
+        self._logger.warning(
+            "taskscope.abandoned",
+            count=sum(names.values()),
+            tasks=dict(sorted(names.items())),
+        )

@@ -1,0 +1,116 @@
+"""The same facts as the Prometheus metrics, through the OpenTelemetry metrics API."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from taskscope._record import BlockRecord, TaskRecord
+from taskscope._signals._buckets import BLOCK_SECONDS, LAG_SECONDS, TASK_SECONDS
+from taskscope._version import __version__
+
+if TYPE_CHECKING:
+    from opentelemetry.metrics import MeterProvider
+
+# Prometheus name -> OpenTelemetry name (unit "s" for durations, "{task}" for counts).
+OTEL_NAMES = {
+    "taskscope_tasks_total": "taskscope.tasks",
+    "taskscope_task_failures_total": "taskscope.task.failures",
+    "taskscope_task_duration_seconds": "taskscope.task.duration",
+    "taskscope_task_wait_seconds": "taskscope.task.wait",
+    "taskscope_task_thread_wait_seconds": "taskscope.task.thread_wait",
+    "taskscope_tasks_in_progress": "taskscope.tasks.in_progress",
+    "taskscope_event_loop_lag_seconds": "taskscope.event_loop.lag",
+    "taskscope_task_loop_blocks_total": "taskscope.task.loop_blocks",
+    "taskscope_task_loop_block_seconds": "taskscope.task.loop_block.duration",
+    "taskscope_task_loop_busy_seconds_total": "taskscope.task.loop_busy",
+    "taskscope_task_warnings_total": "taskscope.task.warnings",
+}
+
+
+class OtelMetrics:
+    """Instruments on one meter; attribute keys match the Prometheus labels."""
+
+    def __init__(self, provider: MeterProvider) -> None:
+        meter = provider.get_meter("taskscope", __version__)
+        n = OTEL_NAMES
+        self.tasks = meter.create_counter(
+            n["taskscope_tasks_total"], "{task}", "Background tasks by final outcome."
+        )
+        self.failures = meter.create_counter(
+            n["taskscope_task_failures_total"], "{task}", "Background task failures."
+        )
+        self.duration = meter.create_histogram(
+            n["taskscope_task_duration_seconds"],
+            "s",
+            "Run time of background tasks.",
+            explicit_bucket_boundaries_advisory=list(TASK_SECONDS),
+        )
+        self.wait = meter.create_histogram(
+            n["taskscope_task_wait_seconds"],
+            "s",
+            "Time from the response being sent to the task starting.",
+            explicit_bucket_boundaries_advisory=list(TASK_SECONDS),
+        )
+        self.thread_wait = meter.create_histogram(
+            n["taskscope_task_thread_wait_seconds"],
+            "s",
+            "Time sync tasks waited for a worker thread.",
+            explicit_bucket_boundaries_advisory=list(TASK_SECONDS),
+        )
+        self.in_progress = meter.create_up_down_counter(
+            n["taskscope_tasks_in_progress"], "{task}", "Background tasks running now."
+        )
+        self.lag = meter.create_histogram(
+            n["taskscope_event_loop_lag_seconds"],
+            "s",
+            "How late the event loop's heartbeat fired.",
+            explicit_bucket_boundaries_advisory=list(LAG_SECONDS),
+        )
+        self.loop_blocks = meter.create_counter(
+            n["taskscope_task_loop_blocks_total"], "{step}", "Steps that blocked the loop."
+        )
+        self.loop_block_duration = meter.create_histogram(
+            n["taskscope_task_loop_block_seconds"],
+            "s",
+            "Duration of steps that blocked the loop.",
+            explicit_bucket_boundaries_advisory=list(BLOCK_SECONDS),
+        )
+        self.loop_busy = meter.create_counter(
+            n["taskscope_task_loop_busy_seconds_total"], "s", "Seconds tasks held the loop."
+        )
+        self.warnings = meter.create_counter(
+            n["taskscope_task_warnings_total"], "{warning}", "Misuse flagged by taskscope."
+        )
+
+    def task_started(self, name: str) -> None:
+        self.in_progress.add(1, {"task": name})
+
+    def task_finished(self, name: str) -> None:
+        self.in_progress.add(-1, {"task": name})
+
+    def record(self, record: TaskRecord) -> None:
+        name = record.name
+        self.tasks.add(1, {"task": name, "outcome": record.outcome})
+        if record.outcome in ("skipped", "abandoned") and record.duration == 0.0:
+            return
+        self.duration.record(record.duration, {"task": name, "outcome": record.outcome})
+        if record.wait is not None:
+            self.wait.record(record.wait, {"task": name})
+        if record.thread_wait is not None:
+            self.thread_wait.record(record.thread_wait, {"task": name})
+        if record.outcome == "failure":
+            self.failures.add(1, {"task": name, "error_type": record.error_type or "Exception"})
+        if record.loop_busy > 0.0:
+            self.loop_busy.add(record.loop_busy, {"task": name})
+
+    def block_detected(self, block: BlockRecord) -> None:
+        self.loop_blocks.add(1, {"task": block.task})
+
+    def block_ended(self, block: BlockRecord) -> None:
+        self.loop_block_duration.record(block.duration, {"task": block.task})
+
+    def lag(self, seconds: float) -> None:
+        self.lag.record(seconds)
+
+    def warning(self, name: str, kind: str) -> None:
+        self.warnings.add(1, {"task": name, "kind": kind})
