@@ -75,10 +75,13 @@ class BackgroundTasks(StarletteBackgroundTasks):
             self._check_size(task._taskscope)
 
     def _check_size(self, cap: Any) -> None:
-        limit = cap.telemetry.max_tasks_per_response
+        if len(self.tasks) <= 1000 and cap.telemetry is None:
+            return  # cheap path: the default limit cannot be exceeded yet
+        telemetry = cap.resolve(self._telemetry)
+        limit = telemetry.max_tasks_per_response
         if len(self.tasks) > limit:
             self._warned_size = True
-            runtime_of(cap.telemetry).warning(
+            runtime_of(telemetry).warning(
                 cap.name, "too_many_tasks", count=len(self.tasks), limit=limit
             )
 

@@ -15,7 +15,7 @@ from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
 from taskscope._naming import callable_name
 from taskscope._record import Outcome, TaskRecord
-from taskscope._runtime import Runtime, resolve, runtime_of
+from taskscope._runtime import Runtime, current_telemetry, resolve, runtime_of
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
@@ -29,28 +29,46 @@ _INTERRUPTIONS = (KeyboardInterrupt, GeneratorExit)
 
 
 class Capture:
-    """What ``add_task`` captures: the telemetry, the task name, the OTel context."""
+    """What ``add_task`` captures: the OTel context and, if scoped, the telemetry.
 
-    __slots__ = ("context", "name", "telemetry")
+    The process default telemetry and the bounded task name are resolved when the task
+    runs, so creating tasks touches no global state.
+    """
 
-    def __init__(self, telemetry: Telemetry, name: str, context: Context) -> None:
+    __slots__ = ("_name", "context", "func", "telemetry")
+
+    def __init__(self, func: Callable[..., Any], telemetry: Telemetry | None, context: Context) -> None:
+        self.func = func
         self.telemetry = telemetry
-        self.name = name
         self.context = context
+        self._name: str | None = None
+
+    def resolve(self, explicit: Telemetry | None) -> Telemetry:
+        if self.telemetry is None:
+            self.telemetry = resolve(explicit)
+        return self.telemetry
+
+    @property
+    def name(self) -> str:
+        if self._name is None:
+            telemetry = self.resolve(None)
+            self._name = runtime_of(telemetry).names.admit(callable_name(self.func))
+        return self._name
 
 
 def capture(func: Callable[..., Any], explicit: Telemetry | None) -> Capture:
-    telemetry = resolve(explicit)
-    name = runtime_of(telemetry).names.admit(callable_name(func))
-    return Capture(telemetry, name, otel_context.get_current())
+    return Capture(func, explicit if explicit is not None else current_telemetry.get(), otel_context.get_current())
 
 
 def capture_of(task: BackgroundTask, explicit: Telemetry | None) -> Capture:
     found = getattr(task, "_taskscope", None)
     if isinstance(found, Capture):
+        found.resolve(explicit)
         return found
     # A plain Starlette task (instrument()/instrument_app() paths): capture at run time.
-    return capture(task.func, explicit)
+    cap = capture(task.func, explicit)
+    cap.resolve(explicit)
+    return cap
 
 
 class TaskRun:
@@ -79,13 +97,11 @@ async def run_tasks(
     captures = [capture_of(task, explicit) for task in tasks]
     if not captures:
         return
-    first = captures[0]
-    runtime = runtime_of(first.telemetry)
-    keep_going = first.telemetry.continue_on_error if continue_on_error is None else continue_on_error
-    clock = first.telemetry.clock
-    sent_at = clock()
+    first = captures[0].resolve(explicit)
+    keep_going = first.continue_on_error if continue_on_error is None else continue_on_error
+    sent_at = first.clock()
     for task, cap in zip(tasks, captures, strict=True):
-        runtime_of(cap.telemetry).track(id(task), cap.name, 0.0)
+        runtime_of(cap.resolve(explicit)).track(id(task), cap.name, 0.0)
     error: Exception | None = None
     index = 0
     try:
@@ -110,7 +126,7 @@ async def run_tasks(
 
 def _record_not_run(tasks: Sequence[BackgroundTask], captures: list[Capture], outcome: Outcome) -> None:
     for task, cap in zip(tasks, captures, strict=True):
-        runtime = runtime_of(cap.telemetry)
+        runtime = runtime_of(cap.resolve(None))
         runtime.untrack(id(task))
         span_context = trace.get_current_span(cap.context).get_span_context()
         trace_id = format(span_context.trace_id, "032x") if span_context.is_valid else None
@@ -128,8 +144,8 @@ def _record_not_run(tasks: Sequence[BackgroundTask], captures: list[Capture], ou
 
 async def run_one(task: BackgroundTask, cap: Capture, sent_at: float) -> None:
     """Run one task inside its span; record exactly one outcome; re-raise unchanged."""
-    runtime = runtime_of(cap.telemetry)
-    telemetry = cap.telemetry
+    telemetry = cap.resolve(None)
+    runtime = runtime_of(telemetry)
     clock = telemetry.clock
     run = TaskRun(cap.name, runtime)
     sync = not task.is_async
