@@ -79,11 +79,11 @@ def make_observed(**options: Any) -> Observed:
     reader = InMemoryMetricReader()
     meter_provider = MeterProvider(metric_readers=[reader])
     logs = LogRecorder()
+    options.setdefault("logger", logs)
     telemetry = Telemetry(
         registry=registry,
         tracer_provider=tracer_provider,
         meter_provider=meter_provider,
-        logger=logs,
         **options,
     )
     return Observed(telemetry, registry, exporter, reader, logs, tracer_provider)

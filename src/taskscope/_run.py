@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import warnings
 from collections.abc import Callable, Sequence
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
     from taskscope._config import Telemetry
 
 _INVALID = trace.INVALID_SPAN_CONTEXT
-_INTERRUPTIONS = (KeyboardInterrupt, GeneratorExit)
+_INTERRUPTIONS = (KeyboardInterrupt, GeneratorExit, asyncio.CancelledError)
 
 
 class Capture:
@@ -212,14 +213,17 @@ async def _run_sync(
     task: BackgroundTask, run: TaskRun, thread_started: list[float], clock: Callable[[], float]
 ) -> None:
     func, args, kwargs = task.func, task.args, task.kwargs
+    unawaited: list[Any] = []
 
-    def in_worker_thread() -> Any:
+    def in_worker_thread() -> None:
         thread_started.append(clock())
-        return func(*args, **kwargs)
+        result = func(*args, **kwargs)
+        if inspect.isawaitable(result):  # kept off the backend (trio would raise on it)
+            unawaited.append(result)
 
-    result = await anyio.to_thread.run_sync(in_worker_thread)
-    if inspect.isawaitable(result):
-        _flag_unawaited(result, run)
+    await anyio.to_thread.run_sync(in_worker_thread)
+    if unawaited:
+        _flag_unawaited(unawaited[0], run)
 
 
 def _flag_unawaited(result: Any, run: TaskRun) -> None:
