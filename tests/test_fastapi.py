@@ -1,6 +1,5 @@
 """FastAPI: the background-tasks tutorial, dependencies, and the no-import-change path."""
 
-
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -107,7 +106,10 @@ def test_plain_fastapi_import_is_instrumented_by_instrument_app(observed: Observ
         client.get("/")
     assert ran == [1]
     assert observed.outcomes() == {
-        ("tests.test_fastapi.test_plain_fastapi_import_is_instrumented_by_instrument_app.<locals>.job", "success"): 1.0
+        (
+            "tests.test_fastapi.test_plain_fastapi_import_is_instrumented_by_instrument_app.<locals>.job",
+            "success",
+        ): 1.0
     }
 
 

@@ -40,13 +40,21 @@ async def test_skipped_tasks_are_counted_and_logged(observed: Observed) -> None:
         (P + "ok", "skipped"): 1,
         (P + "sync_ok", "skipped"): 1,
     }
-    assert observed.value("taskscope_task_failures_total", task=P + "fails", error_type="ValueError") == 1
+    assert (
+        observed.value("taskscope_task_failures_total", task=P + "fails", error_type="ValueError")
+        == 1
+    )
     events = [(e["event"], e["task"]) for e in observed.logs.events]
-    assert events == [("task.failed", P + "fails"), ("task.skipped", P + "ok"), ("task.skipped", P + "sync_ok")]
+    assert events == [
+        ("task.failed", P + "fails"),
+        ("task.skipped", P + "ok"),
+        ("task.skipped", P + "sync_ok"),
+    ]
     failed = observed.logs.named("task.failed")[0]
     assert failed["error_type"] == "ValueError"
     assert failed["error"] == "bad value"
-    assert failed["trace_id"] and failed["span_id"]
+    assert failed["trace_id"]
+    assert failed["span_id"]
 
 
 async def test_continue_on_error_runs_the_rest() -> None:
@@ -119,13 +127,24 @@ async def test_in_progress_gauge_goes_up_and_down(observed: Observed) -> None:
     seen: list[float] = []
 
     async def look() -> None:
-        seen.append(observed.value("taskscope_tasks_in_progress", task=P.rstrip(".") + ".test_in_progress_gauge_goes_up_and_down.<locals>.look"))
+        seen.append(
+            observed.value(
+                "taskscope_tasks_in_progress",
+                task=P.rstrip(".") + ".test_in_progress_gauge_goes_up_and_down.<locals>.look",
+            )
+        )
 
     tasks = BackgroundTasks(telemetry=observed.telemetry)
     tasks.add_task(look)
     await tasks()
     assert seen == [1.0]
-    assert observed.value("taskscope_tasks_in_progress", task=P + "test_in_progress_gauge_goes_up_and_down.<locals>.look") == 0.0
+    assert (
+        observed.value(
+            "taskscope_tasks_in_progress",
+            task=P + "test_in_progress_gauge_goes_up_and_down.<locals>.look",
+        )
+        == 0.0
+    )
 
 
 async def test_wait_and_duration_use_the_injected_clock() -> None:
@@ -148,8 +167,18 @@ async def test_wait_and_duration_use_the_injected_clock() -> None:
     tasks.add_task(second)
     await tasks()
     prefix = "tests.test_outcomes.test_wait_and_duration_use_the_injected_clock.<locals>."
-    assert observed.value("taskscope_task_duration_seconds_sum", task=prefix + "first", outcome="success") == 2.0
-    assert observed.value("taskscope_task_duration_seconds_sum", task=prefix + "second", outcome="success") == 0.5
+    assert (
+        observed.value(
+            "taskscope_task_duration_seconds_sum", task=prefix + "first", outcome="success"
+        )
+        == 2.0
+    )
+    assert (
+        observed.value(
+            "taskscope_task_duration_seconds_sum", task=prefix + "second", outcome="success"
+        )
+        == 0.5
+    )
     assert observed.value("taskscope_task_wait_seconds_sum", task=prefix + "first") == 0.0
     assert observed.value("taskscope_task_wait_seconds_sum", task=prefix + "second") == 2.0
 
@@ -175,7 +204,10 @@ async def test_sync_task_returning_a_coroutine_is_flagged(observed: Observed) ->
     with pytest.warns(RuntimeWarning, match="returned an awaitable"):
         await tasks()
     name = "tests.test_outcomes.test_sync_task_returning_a_coroutine_is_flagged.<locals>.wrong"
-    assert observed.value("taskscope_task_warnings_total", task=name, kind="coroutine_not_awaited") == 1
+    assert (
+        observed.value("taskscope_task_warnings_total", task=name, kind="coroutine_not_awaited")
+        == 1
+    )
     assert observed.logs.named("task.coroutine_not_awaited")
 
 
@@ -260,7 +292,9 @@ async def test_middleware_scopes_plain_background_task(observed: Observed) -> No
     from starlette.testclient import TestClient
 
     with anyio.fail_after(10):
-        await anyio.to_thread.run_sync(lambda: TestClient(TelemetryMiddleware(app, observed.telemetry)).get("/"))
+        await anyio.to_thread.run_sync(
+            lambda: TestClient(TelemetryMiddleware(app, observed.telemetry)).get("/")
+        )
     assert observed.outcomes() == {(P + "ok", "success"): 1}
 
 
@@ -275,5 +309,7 @@ async def test_asyncio_cancelled_error_from_task_is_cancelled() -> None:
     tasks.add_task(cancel_me)
     with pytest.raises(asyncio.CancelledError):
         await tasks()
-    name = "tests.test_outcomes.test_asyncio_cancelled_error_from_task_is_cancelled.<locals>.cancel_me"
+    name = (
+        "tests.test_outcomes.test_asyncio_cancelled_error_from_task_is_cancelled.<locals>.cancel_me"
+    )
     assert observed.outcomes() == {(name, "cancelled"): 1}

@@ -29,7 +29,7 @@ def test_tasks_run_in_order_and_are_recorded(observed: Observed, anyio_backend: 
         return Response("ok", background=tasks)
 
     app = Starlette(routes=[Route("/", endpoint)])
-    with TestClient(app, backend=anyio_backend) as client:
+    with TestClient(app, backend=anyio_backend) as client:  # type: ignore[arg-type,unused-ignore]
         assert client.get("/").text == "ok"
     assert ran == ["first", "second"]
     prefix = "tests.test_smoke.test_tasks_run_in_order_and_are_recorded.<locals>."

@@ -14,7 +14,9 @@ from taskscope import BackgroundTasks
 from tests.conftest import Observed, make_observed
 
 
-def _app_with_request_span(observed: Observed, *funcs: object, sync_route: bool = False) -> Starlette:
+def _app_with_request_span(
+    observed: Observed, *funcs: object, sync_route: bool = False
+) -> Starlette:
     tracer = observed.tracer_provider.get_tracer("test")
 
     def add_all(tasks: BackgroundTasks) -> None:
@@ -75,7 +77,9 @@ def test_context_captured_in_sync_route(observed: Observed) -> None:
 
 def test_failure_span(observed: Observed) -> None:
     """Failure: status ERROR, error.type, an exception event with a truncated message."""
-    with TestClient(_app_with_request_span(observed, failing_task), raise_server_exceptions=False) as client:
+    with TestClient(
+        _app_with_request_span(observed, failing_task), raise_server_exceptions=False
+    ) as client:
         client.get("/")
     (span,) = observed.task_spans()
     assert span.status.status_code == StatusCode.ERROR
@@ -106,7 +110,10 @@ def test_span_mode_off_records_metrics_only() -> None:
     with TestClient(_app_with_request_span(observed, ok_task)) as client:
         client.get("/")
     assert observed.task_spans() == []
-    assert observed.value("taskscope_tasks_total", task="tests.test_spans.ok_task", outcome="success") == 1
+    assert (
+        observed.value("taskscope_tasks_total", task="tests.test_spans.ok_task", outcome="success")
+        == 1
+    )
 
 
 def test_task_span_is_current_inside_the_task(observed: Observed) -> None:

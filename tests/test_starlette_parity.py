@@ -21,7 +21,7 @@ def _client(app: Any, backend: str, observed: Observed | None = None, **kw: Any)
     """A test client for a raw ASGI app (no lifespan), scoped to the test's telemetry."""
     if observed is not None:
         app = TelemetryMiddleware(app, observed.telemetry)
-    return TestClient(app, backend=backend, **kw)
+    return TestClient(app, backend=backend, **kw)  # type: ignore[arg-type,unused-ignore]
 
 
 def test_classes_are_real_subclasses() -> None:

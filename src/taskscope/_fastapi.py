@@ -54,7 +54,7 @@ def unbind() -> None:
         if module is not None and _bound is not None and module.BackgroundTasks is _bound:
             import fastapi.background
 
-            module.BackgroundTasks = fastapi.background.BackgroundTasks
+            module.BackgroundTasks = fastapi.background.BackgroundTasks  # type: ignore[attr-defined]
 
 
 def fastapi_class() -> type:
@@ -68,7 +68,11 @@ def fastapi_class() -> type:
         _bound = type(
             "BackgroundTasks",
             (BackgroundTasks, fastapi.background.BackgroundTasks),
-            {"__module__": "taskscope", "__qualname__": "BackgroundTasks", "__doc__": BackgroundTasks.__doc__},
+            {
+                "__module__": "taskscope",
+                "__qualname__": "BackgroundTasks",
+                "__doc__": BackgroundTasks.__doc__,
+            },
         )
     return _bound
 
@@ -88,7 +92,7 @@ def _rebind(module: ModuleType) -> None:
             stacklevel=3,
         )
         return
-    module.BackgroundTasks = fastapi_class()
+    module.BackgroundTasks = fastapi_class()  # type: ignore[attr-defined]
 
 
 class _RebindOnImport(importlib.abc.MetaPathFinder):

@@ -52,7 +52,10 @@ def instrument_app(app: Any, telemetry: Telemetry | None = None) -> Telemetry:
     telemetry = telemetry if telemetry is not None else Telemetry()
     add_middleware = getattr(app, "add_middleware", None)
     if add_middleware is None:
-        msg = "instrument_app() needs a Starlette or FastAPI app; wrap other ASGI apps in TelemetryMiddleware"
+        msg = (
+            "instrument_app() needs a Starlette or FastAPI app; "
+            "wrap other ASGI apps in TelemetryMiddleware"
+        )
         raise TypeError(msg)
     add_middleware(TelemetryMiddleware, telemetry=telemetry)
     _fastapi.ensure_bound()

@@ -60,7 +60,7 @@ def _callable_name(func: object) -> str:
         break
     if inspect.isfunction(func) or inspect.isbuiltin(func):
         module = getattr(func, "__module__", None) or "<unknown>"
-        qualname = getattr(func, "__qualname__", None) or getattr(func, "__name__", "?")
+        qualname = str(getattr(func, "__qualname__", None) or getattr(func, "__name__", "?"))
         if qualname.endswith("<lambda>") and inspect.isfunction(func):
             qualname = f"{qualname}@{func.__code__.co_firstlineno}"
         return f"{module}.{qualname}"

@@ -38,7 +38,9 @@ class Capture:
 
     __slots__ = ("_name", "context", "func", "telemetry")
 
-    def __init__(self, func: Callable[..., Any], telemetry: Telemetry | None, context: Context) -> None:
+    def __init__(
+        self, func: Callable[..., Any], telemetry: Telemetry | None, context: Context
+    ) -> None:
         self.func = func
         self.telemetry = telemetry
         self.context = context
@@ -58,7 +60,11 @@ class Capture:
 
 
 def capture(func: Callable[..., Any], explicit: Telemetry | None) -> Capture:
-    return Capture(func, explicit if explicit is not None else current_telemetry.get(), otel_context.get_current())
+    return Capture(
+        func,
+        explicit if explicit is not None else current_telemetry.get(),
+        otel_context.get_current(),
+    )
 
 
 def capture_of(task: BackgroundTask, explicit: Telemetry | None) -> Capture:
@@ -125,7 +131,9 @@ async def run_tasks(
         raise error
 
 
-def _record_not_run(tasks: Sequence[BackgroundTask], captures: list[Capture], outcome: Outcome) -> None:
+def _record_not_run(
+    tasks: Sequence[BackgroundTask], captures: list[Capture], outcome: Outcome
+) -> None:
     for task, cap in zip(tasks, captures, strict=True):
         runtime = runtime_of(cap.resolve(None))
         runtime.untrack(id(task))
@@ -197,7 +205,7 @@ async def run_one(task: BackgroundTask, cap: Capture, sent_at: float) -> None:
 def _outcome_of(exc: BaseException) -> Outcome:
     if isinstance(exc, Exception):
         return "failure"
-    if isinstance(exc, anyio.get_cancelled_exc_class()) or isinstance(exc, _INTERRUPTIONS):
+    if isinstance(exc, (anyio.get_cancelled_exc_class(), _INTERRUPTIONS)):
         return "cancelled"
     return "failure"  # SystemExit and other BaseExceptions raised by the task itself
 
@@ -244,7 +252,7 @@ def safe_message(error: BaseException, telemetry: Telemetry) -> str:
     limit = telemetry.max_message_length
     try:
         text = str(error)
-    except BaseException:  # noqa: BLE001 - a hostile __str__ must not escape
+    except BaseException:
         text = f"<unprintable {type(error).__name__}>"
     if not isinstance(text, str):
         text = f"<unprintable {type(error).__name__}>"
@@ -293,7 +301,7 @@ def _start_span(
         return None, None
 
 
-def _end_span(
+def _end_span(  # noqa: PLR0917 - private, called once
     runtime: Runtime,
     span: Span,
     token: object,
@@ -311,7 +319,11 @@ def _end_span(
         span.set_attribute("taskscope.task.outcome", outcome)
         if error is not None and outcome == "failure":
             cls = type(error)
-            qualified = cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+            qualified = (
+                cls.__qualname__
+                if cls.__module__ == "builtins"
+                else f"{cls.__module__}.{cls.__qualname__}"
+            )
             span.set_attribute("error.type", qualified)
             span.add_event(
                 "exception",

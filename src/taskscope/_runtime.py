@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import contextvars
 import threading
 import weakref
@@ -117,10 +118,8 @@ class Runtime:
     def _count_error(self, signal: str) -> None:
         self.absorbed_errors += 1
         if self.prometheus is not None and signal != "prometheus":
-            try:
+            with contextlib.suppress(Exception):  # counted above; nothing more to do
                 self.prometheus.instrumentation_error(signal)
-            except Exception:  # noqa: S110 - counted above; nothing else can be done
-                pass
 
     def absorb(self, signal: str) -> None:
         """Count an error inside taskscope's own instrumentation (never raised)."""

@@ -60,7 +60,7 @@ class OtelMetrics:
         self.in_progress = meter.create_up_down_counter(
             n["taskscope_tasks_in_progress"], "{task}", "Background tasks running now."
         )
-        self.lag = meter.create_histogram(
+        self.lag_histogram = meter.create_histogram(
             n["taskscope_event_loop_lag_seconds"],
             "s",
             "How late the event loop's heartbeat fired.",
@@ -110,7 +110,7 @@ class OtelMetrics:
         self.loop_block_duration.record(block.duration, {"task": block.task})
 
     def lag(self, seconds: float) -> None:
-        self.lag.record(seconds)
+        self.lag_histogram.record(seconds)
 
     def warning(self, name: str, kind: str) -> None:
         self.warnings.add(1, {"task": name, "kind": kind})

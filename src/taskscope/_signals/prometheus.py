@@ -142,9 +142,7 @@ class PrometheusMetrics:
         if record.outcome in ("skipped", "abandoned") and record.duration == 0.0:
             return
         exemplar = {"trace_id": record.trace_id} if record.trace_id else None
-        self.duration.labels(task=name, outcome=record.outcome).observe(
-            record.duration, exemplar
-        )
+        self.duration.labels(task=name, outcome=record.outcome).observe(record.duration, exemplar)
         if record.wait is not None:
             self.wait.labels(task=name).observe(record.wait)
         if record.thread_wait is not None:

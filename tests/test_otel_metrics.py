@@ -1,0 +1,58 @@
+"""The OpenTelemetry copies of the metrics: names, units, attributes, buckets."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from taskscope import BackgroundTasks
+from taskscope._signals._buckets import TASK_SECONDS
+from tests.conftest import Observed
+
+pytestmark = pytest.mark.anyio
+
+
+async def ok() -> None: ...
+
+
+async def bad() -> None:
+    raise OSError("disk")
+
+
+def _metrics(observed: Observed) -> dict[str, Any]:
+    data = observed.metric_reader.get_metrics_data()
+    assert data is not None
+    found: dict[str, Any] = {}
+    for resource_metrics in data.resource_metrics:
+        for scope_metrics in resource_metrics.scope_metrics:
+            for metric in scope_metrics.metrics:
+                found[metric.name] = metric
+    return found
+
+
+async def test_otel_metrics_mirror_prometheus(observed: Observed) -> None:
+    """taskscope.tasks / .task.duration / .task.failures carry task, outcome, error_type."""
+    tasks = BackgroundTasks(telemetry=observed.telemetry)
+    tasks.add_task(ok)
+    tasks.add_task(bad)
+    tasks.add_task(ok)
+    with pytest.raises(OSError, match="disk"):
+        await tasks()
+    metrics = _metrics(observed)
+    counts = {
+        (p.attributes["task"], p.attributes["outcome"]): p.value
+        for p in metrics["taskscope.tasks"].data.data_points
+    }
+    assert counts == {
+        ("tests.test_otel_metrics.ok", "success"): 1,
+        ("tests.test_otel_metrics.bad", "failure"): 1,
+        ("tests.test_otel_metrics.ok", "skipped"): 1,
+    }
+    duration = metrics["taskscope.task.duration"]
+    assert duration.unit == "s"
+    point = duration.data.data_points[0]
+    assert tuple(point.explicit_bounds) == TASK_SECONDS
+    (failure,) = metrics["taskscope.task.failures"].data.data_points
+    assert failure.attributes["error_type"] == "OSError"
+    assert "taskscope.tasks.in_progress" in metrics

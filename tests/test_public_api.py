@@ -1,0 +1,66 @@
+"""The public surface: __all__ is accurate and importing taskscope has no side effects."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import taskscope
+
+
+def test_all_names_resolve() -> None:
+    """Every name in __all__ exists; __all__ is a sorted tuple."""
+    assert isinstance(taskscope.__all__, tuple)
+    assert list(taskscope.__all__) == sorted(taskscope.__all__)
+    for name in taskscope.__all__:
+        assert getattr(taskscope, name) is not None
+
+
+def test_version_is_exposed() -> None:
+    """__version__ comes from the package metadata."""
+    assert isinstance(taskscope.__version__, str)
+    assert taskscope.__version__[0].isdigit()
+
+
+def test_import_has_no_side_effects() -> None:
+    """`import taskscope` starts no thread, patches nothing, touches no registry."""
+    code = textwrap.dedent(
+        """
+        import sys, threading
+        import fastapi.dependencies.utils as utils, fastapi.background
+        import prometheus_client
+        meta_path = list(sys.meta_path)
+        before = set(prometheus_client.REGISTRY._names_to_collectors)
+        import taskscope
+        assert threading.active_count() == 1, threading.enumerate()
+        assert sys.meta_path == meta_path
+        assert utils.BackgroundTasks is fastapi.background.BackgroundTasks
+        assert set(prometheus_client.REGISTRY._names_to_collectors) == before
+        from taskscope import BackgroundTasks  # the drop-in import: FastAPI now builds ours
+        assert issubclass(utils.BackgroundTasks, BackgroundTasks)
+        assert threading.active_count() == 1
+        print("ok")
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+def test_drop_in_import_before_fastapi() -> None:
+    """Importing taskscope's class before FastAPI still makes FastAPI build ours."""
+    code = textwrap.dedent(
+        """
+        from taskscope import BackgroundTasks
+        import fastapi.dependencies.utils as utils
+        assert issubclass(utils.BackgroundTasks, BackgroundTasks), utils.BackgroundTasks
+        print("ok")
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
