@@ -1,0 +1,203 @@
+"""What the demo shows: a live rich view on a terminal, plain text elsewhere."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from taskscope.demo.stats import Histo
+
+if TYPE_CHECKING:
+    from taskscope.demo.load import LoadStats
+    from taskscope.demo.stats import Block, EventLog, TaskStats, Window
+
+DEMO_MODULE = "taskscope.demo.app."
+
+
+def short(name: str) -> str:
+    """Task names without the demo module, which every demo task shares."""
+    return name.removeprefix(DEMO_MODULE)
+
+
+def seconds(value: float | None) -> str:
+    """Human units with three significant digits: ``850 µs``, ``31.8 ms``, ``1.24 s``."""
+    if value is None:
+        return "-"
+    if value <= 0:
+        return "0 ms"
+    if value < 0.000_999_5:
+        return f"{value * 1e6:.3g} µs"
+    if value < 0.999_5:
+        return f"{value * 1000:.3g} ms"
+    return f"{value:.3g} s" if value < 100 else f"{value:.0f} s"
+
+
+def quantile(histo: Histo, q: float) -> str:
+    """A quantile estimated from buckets; in the lowest bucket only its bound is known."""
+    value = histo.quantile(q)
+    if histo.below_first_bucket(value):
+        return f"< {seconds(histo.bounds[0])}"
+    return seconds(value)
+
+
+def where(location: str) -> str:
+    """A ``file:line`` relative to the working directory when it is below it."""
+    try:
+        relative = os.path.relpath(location)
+    except ValueError:
+        return location
+    return location if relative.startswith("..") else relative
+
+
+def failures(task: TaskStats) -> str:
+    items = sorted(task.failures.items(), key=lambda kv: -kv[1])
+    return ", ".join(f"{kind} {count:.0f}" for kind, count in items) or "-"
+
+
+@dataclass
+class Frame:
+    """Everything one rendering needs."""
+
+    title: str
+    window: Window
+    events: EventLog
+    load: LoadStats | None
+    metrics_url: str
+    footer: str = ""
+
+
+ROW_HEADERS = (
+    "task", "runs/s", "p50", "p95", "p99", "wait p95", "thread wait p95",
+    "failed (by error type)", "skipped", "running",
+)  # fmt: skip
+
+
+def row(task: TaskStats, *, rate: bool = True) -> tuple[str, ...]:
+    return (
+        short(task.name),
+        f"{task.rate:.1f}" if rate else f"{task.finished:.0f}",
+        quantile(task.duration, 0.5),
+        quantile(task.duration, 0.95),
+        quantile(task.duration, 0.99),
+        quantile(task.wait, 0.95),
+        quantile(task.thread_wait, 0.95) if task.thread_wait.count else "-",
+        failures(task),
+        f"{task.outcomes.get('skipped', 0):.0f}",
+        f"{task.in_progress:.0f}",
+    )
+
+
+def loop_line(window: Window) -> str:
+    lag = window.lag
+    top = lag.highest()
+    return (
+        f"event loop lag: p50 {quantile(lag, 0.5)}, p99 {quantile(lag, 0.99)}, "
+        f"max ≤ {seconds(top)}; "
+        f"{window.block_seconds.count:.0f} blocking steps (≥ threshold)"
+    )
+
+
+def load_line(load: LoadStats | None) -> str:
+    if load is None:
+        return "load: off (--no-load): send requests yourself"
+    return (
+        f"load: {load.sent} requests sent, {load.errors} failed or dropped; response time "
+        f"p50 {seconds(load.latency(0.5))}, p99 {seconds(load.latency(0.99))}"
+    )
+
+
+def findings(window: Window, events: EventLog, threads: int) -> list[str]:
+    """Plain-language statements of what taskscope saw, one per kind of trouble."""
+    lines: list[str] = []
+    for task in window.tasks:
+        name = short(task.name)
+        if task.failures:
+            total = sum(task.failures.values())
+            lines.append(f"FAILED   {name}: {total:.0f} failures ({failures(task)})")
+        skipped = task.outcomes.get("skipped", 0)
+        if skipped:
+            lines.append(
+                f"SKIPPED  {name}: {skipped:.0f} times, because an earlier task of the "
+                "same response failed"
+            )
+        if task.thread_wait.count and (p95 := task.thread_wait.quantile(0.95) or 0) >= 0.01:
+            lines.append(
+                f"THREADS  {name}: waited for a worker thread (p95 {seconds(p95)}; "
+                f"the demo has {threads} threads)"
+            )
+    for task_name, location, count in events.block_sites():
+        lines.append(
+            f"BLOCKED  {short(task_name)}: held the event loop {count} times at {where(location)}"
+        )
+    return lines
+
+
+def block_lines(blocks: list[Block]) -> list[str]:
+    return [f"{seconds(b.duration):>7}  {short(b.task)}  at {where(b.location)}" for b in blocks]
+
+
+# -- plain text ------------------------------------------------------------------------
+def plain(frame: Frame, *, rate: bool = True, threads: int = 0, final: bool = False) -> str:
+    headers = ROW_HEADERS if rate else ("task", "runs", *ROW_HEADERS[2:])
+    rows = [headers, *(row(task, rate=rate) for task in frame.window.tasks)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(headers))]
+    out = [frame.title]
+    out.extend(
+        "  " + "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(r)).rstrip() for r in rows
+    )
+    out.append("  " + loop_line(frame.window))
+    out.append("  " + load_line(frame.load))
+    blocks = frame.events.latest_blocks(3)
+    if blocks and not final:
+        out.append("  latest loop blocks:")
+        out.extend("    " + line for line in block_lines(blocks))
+    if final:
+        found = findings(frame.window, frame.events, threads)
+        out.append("what taskscope found:")
+        out.extend("  " + line for line in found or ["nothing unusual"])
+    if frame.footer:
+        out.append(frame.footer)
+    return "\n".join(out)
+
+
+# -- rich ------------------------------------------------------------------------------
+def rich_view(frame: Frame, threads: int) -> Any:
+    from rich.console import Group
+    from rich.panel import Panel
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=frame.title, title_justify="left", expand=False, pad_edge=False)
+    for i, header in enumerate(ROW_HEADERS):
+        table.add_column(header, justify="left" if i in (0, 7) else "right", no_wrap=i == 0)
+    for task in frame.window.tasks:
+        cells = list(row(task))
+        styles = [""] * len(cells)
+        if task.failures:
+            styles[7] = "bold red"
+        if task.outcomes.get("skipped"):
+            styles[8] = "yellow"
+        if task.loop_blocks:
+            styles[0] = "magenta"
+        if task.thread_wait.count and (task.thread_wait.quantile(0.95) or 0) >= 0.01:
+            styles[6] = "yellow"
+        table.add_row(*(Text(c, style=s) for c, s in zip(cells, styles, strict=True)))
+    blocks = Table.grid(padding=(0, 2))
+    blocks.add_column(justify="right")
+    blocks.add_column(style="magenta")
+    blocks.add_column()
+    latest = frame.events.latest_blocks(5)
+    for block in latest:
+        blocks.add_row(seconds(block.duration), short(block.task), where(block.location))
+    if not latest:
+        blocks.add_row("", "no loop blocks yet", "")
+    loop = Group(Text(loop_line(frame.window)), Text("latest blocks:", style="bold"), blocks)
+    parts: list[Any] = [
+        table,
+        Panel(loop, title="event loop", title_align="left"),
+        Text(load_line(frame.load), style="dim"),
+    ]
+    if frame.footer:
+        parts.append(Text(frame.footer, style="dim"))
+    return Group(*parts)
