@@ -1,0 +1,1 @@
+"""Serving Prometheus metrics without stalling the event loop (see taskscope.exposition)."""
