@@ -1,0 +1,124 @@
+"""Cost of the loop probe: the same taskscope workloads with ``loop_probe`` on and off.
+
+Two workloads, in process, each round in a fresh asyncio loop, on/off interleaved and
+shuffled per round, medians over rounds (ratios from the same run):
+
+tasks   10,000 tiny async background tasks (5,000 responses of 2 tasks)
+steps   100,000 ``await asyncio.sleep(0)`` steps: 100 background tasks of 1,000 steps each
+
+Both variants record Prometheus metrics, no spans. Target: on/off <= 1.05.
+
+    .venv/bin/python bench/probe_cost.py [--quick] [--rounds N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from common import median, print_environment, table, verdict
+
+TARGET = 1.05
+
+
+async def tiny() -> None:
+    return None
+
+
+async def stepper(steps: int) -> None:
+    for _ in range(steps):
+        await asyncio.sleep(0)
+
+
+async def _tasks_workload(new: Callable[[], Any], count: int) -> float:
+    for _ in range(50):  # warm-up: starts the probe (when on) in this loop
+        batch = new()
+        batch.add_task(tiny)
+        await batch()
+    gc.collect()
+    start = time.perf_counter()
+    for _ in range(count // 2):
+        batch = new()
+        batch.add_task(tiny)
+        batch.add_task(tiny)
+        await batch()
+    return time.perf_counter() - start
+
+
+async def _steps_workload(new: Callable[[], Any], steps: int, tasks: int) -> float:
+    batch = new()
+    batch.add_task(stepper, 10)
+    await batch()  # warm-up, starts the probe
+    gc.collect()
+    start = time.perf_counter()
+    for _ in range(tasks // 2):
+        batch = new()
+        batch.add_task(stepper, steps // tasks)
+        batch.add_task(stepper, steps // tasks)
+        await batch()
+    return time.perf_counter() - start
+
+
+def measure(rounds: int, scale: float) -> dict[str, dict[str, float]]:
+    from taskscope import BackgroundTasks, Telemetry
+
+    telemetry = {
+        probe: Telemetry(registry=CollectorRegistry(), span_mode="off", loop_probe=probe == "on")
+        for probe in ("on", "off")
+    }
+    n_tasks, n_steps = int(10_000 * scale), int(100_000 * scale)
+    samples: dict[str, dict[str, list[float]]] = {
+        w: {"on": [], "off": []} for w in ("tasks", "steps")
+    }
+    rng = random.Random(3)
+    for _ in range(rounds):
+        order = ["on", "off"]
+        rng.shuffle(order)
+        for probe in order:
+            t = telemetry[probe]
+
+            def new(t: Any = t) -> Any:
+                return BackgroundTasks(telemetry=t)
+
+            samples["tasks"][probe].append(asyncio.run(_tasks_workload(new, n_tasks)))
+            samples["steps"][probe].append(asyncio.run(_steps_workload(new, n_steps, 100)))
+    return {w: {p: median(v) for p, v in by_probe.items()} for w, by_probe in samples.items()}
+
+
+def report(result: dict[str, dict[str, float]]) -> tuple[str, list[tuple[str, str, bool]]]:
+    rows = []
+    checks = []
+    for workload, label, unit, count in (
+        ("tasks", "10,000 tiny tasks", "µs/task", 10_000),
+        ("steps", "100,000 sleep(0) steps", "µs/step", 100_000),
+    ):
+        on, off = result[workload]["on"], result[workload]["off"]
+        rows.append([label, off * 1e3, on * 1e3, on / off, unit, (on - off) / count * 1e6])
+        checks.append((f"probe: {label} on/off <= {TARGET}", f"{on / off:.2f}", on / off <= TARGET))
+    text = table(["workload", "probe off ms", "probe on ms", "on/off", "unit", "added"], rows)
+    return text, checks
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="3 rounds")
+    parser.add_argument("--rounds", type=int, default=None)
+    args = parser.parse_args()
+    rounds = args.rounds or (3 if args.quick else 7)
+    print_environment()
+    print(f"# probe: {rounds} rounds interleaved, asyncio, taskscope metrics-only")
+    text, checks = report(measure(rounds, 1.0))
+    print(text)
+    for label, value, ok in checks:
+        print(f"{label}: {value} -> {verdict(ok)}")
+
+
+if __name__ == "__main__":
+    main()
