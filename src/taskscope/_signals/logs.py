@@ -47,7 +47,9 @@ class LogEvents:
             duration_s=round(block.duration, 6),
             ongoing=block.ongoing,
             location=block.location,
-            stack=list(block.stack),
+            # structlog reserves "stack" for a formatted stack string (ConsoleRenderer
+            # raises on a list, which silently lost every loop_blocked event).
+            stack="\n".join(block.stack),
             sampled=block.sampled,
             trace_id=block.trace_id,
             span_id=block.span_id,
