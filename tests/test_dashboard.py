@@ -1,0 +1,200 @@
+"""The Grafana dashboard is importable as-is and covers exactly the metrics the code emits."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from taskscope._signals.prometheus import METRIC_NAMES
+
+ROOT = Path(__file__).resolve().parent.parent
+DASHBOARD_PATH = ROOT / "dashboards" / "taskscope.json"
+RULES_PATH = ROOT / "deploy" / "prometheus" / "alerts.yml"
+HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
+METRIC = re.compile(r"\btaskscope_[a-z0-9_]+")
+NO_TASK_LABEL = {"taskscope_event_loop_lag_seconds", "taskscope_instrumentation_errors_total"}
+
+
+@pytest.fixture(scope="module")
+def dashboard() -> dict[str, Any]:
+    loaded: dict[str, Any] = json.loads(DASHBOARD_PATH.read_text())
+    return loaded
+
+
+def all_panels(panels: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Every panel, including those nested in collapsed rows."""
+    for panel in panels:
+        yield panel
+        yield from all_panels(panel.get("panels", []))
+
+
+def targets(dashboard: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    for panel in all_panels(dashboard["panels"]):
+        yield from panel.get("targets", [])
+
+
+def family(name: str) -> str:
+    """The metric family a scraped series name belongs to (``_bucket`` etc. stripped)."""
+    if name in METRIC_NAMES:
+        return name
+    for suffix in HISTOGRAM_SUFFIXES:
+        if name.endswith(suffix) and name.removesuffix(suffix) in METRIC_NAMES:
+            return name.removesuffix(suffix)
+    return name
+
+
+def metrics_in(text: str) -> set[str]:
+    return set(METRIC.findall(text))
+
+
+def dashboard_metrics(dashboard: dict[str, Any]) -> set[str]:
+    found: set[str] = set()
+    for target in targets(dashboard):
+        found |= metrics_in(target["expr"])
+    for variable in dashboard["templating"]["list"]:
+        query = variable.get("query")
+        text = query.get("query", "") if isinstance(query, dict) else str(query)
+        found |= metrics_in(text)
+    return found
+
+
+def rule_metrics() -> set[str]:
+    groups = yaml.safe_load(RULES_PATH.read_text())["groups"]
+    return {name for g in groups for rule in g["rules"] for name in metrics_in(rule["expr"])}
+
+
+def test_identity_and_schema(dashboard: dict[str, Any]) -> None:
+    """Stable uid (links and provisioning rely on it), a schema version, no import inputs."""
+    assert dashboard["uid"] == "taskscope"
+    assert isinstance(dashboard["schemaVersion"], int)
+    assert dashboard["schemaVersion"] >= 36
+    assert dashboard.get("id") is None
+    assert "__inputs" not in dashboard
+    assert "${DS_" not in DASHBOARD_PATH.read_text()
+
+
+def test_template_variables(dashboard: dict[str, Any]) -> None:
+    """datasource (prometheus), then job, instance and task from taskscope_tasks_total."""
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert list(variables)[:4] == ["datasource", "job", "instance", "task"]
+    source = variables["datasource"]
+    assert (source["type"], source["query"]) == ("datasource", "prometheus")
+    for name in ("job", "instance", "task"):
+        variable = variables[name]
+        assert variable["type"] == "query"
+        assert variable["datasource"]["uid"] == "${datasource}"
+        assert variable["includeAll"] is True
+        assert variable["allValue"] == ".*"
+        query = variable["query"]["query"]
+        assert query.startswith("label_values(taskscope_tasks_total")
+        assert query.endswith(f", {name})")
+
+
+def test_every_panel_and_target_uses_the_datasource_variable(dashboard: dict[str, Any]) -> None:
+    """No hard-coded data source anywhere: a provisioned copy works in any Grafana."""
+    for panel in all_panels(dashboard["panels"]):
+        if panel["type"] == "row":
+            continue
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            assert target["datasource"] == panel["datasource"], panel["title"]
+
+
+def test_panel_ids_unique(dashboard: dict[str, Any]) -> None:
+    """Grafana keys panel state (links, edits) by id."""
+    ids = [panel["id"] for panel in all_panels(dashboard["panels"])]
+    assert len(ids) == len(set(ids))
+    assert all(isinstance(i, int) and i > 0 for i in ids)
+
+
+def test_grid_positions_fit_and_do_not_overlap(dashboard: dict[str, Any]) -> None:
+    """Every panel lies within the 24-column grid and no two panels share a cell."""
+    taken: dict[tuple[int, int], str] = {}
+    for panel in all_panels(dashboard["panels"]):
+        pos = panel["gridPos"]
+        x, y, w, h = pos["x"], pos["y"], pos["w"], pos["h"]
+        assert x >= 0, panel["title"]
+        assert y >= 0, panel["title"]
+        assert w >= 1, panel["title"]
+        assert h >= 1, panel["title"]
+        assert x + w <= 24, panel["title"]
+        for cell in ((cx, cy) for cx in range(x, x + w) for cy in range(y, y + h)):
+            assert cell not in taken, f"{panel['title']} overlaps {taken[cell]} at {cell}"
+            taken[cell] = panel["title"]
+
+
+def test_rows_in_order(dashboard: dict[str, Any]) -> None:
+    """The sections a reader expects, top to bottom."""
+    rows = [p["title"] for p in dashboard["panels"] if p["type"] == "row"]
+    assert rows == [
+        "Overview",
+        "Latency",
+        "Failures",
+        "Event loop",
+        "Threadpool pressure",
+        "Instrumentation health",
+    ]
+
+
+def test_targets_are_filtered_by_the_variables(dashboard: dict[str, Any]) -> None:
+    """Every selector of a taskscope metric honours $job and $instance, and $task when
+    the family has a task label."""
+    selector = re.compile(r"(taskscope_[a-z0-9_]+)\{([^}]*)\}")
+    for target in targets(dashboard):
+        expr = target["expr"]
+        names = metrics_in(expr)
+        assert names, expr
+        assert len(selector.findall(expr)) == len(METRIC.findall(expr)), expr
+        for name, labels in selector.findall(expr):
+            assert 'job=~"$job"' in labels, expr
+            assert 'instance=~"$instance"' in labels, expr
+            unlabelled = {
+                "taskscope_event_loop_lag_seconds",
+                "taskscope_instrumentation_errors_total",
+            }
+            if family(name) not in unlabelled:
+                assert 'task=~"$task"' in labels, expr
+
+
+def test_duration_panels_show_exemplars(dashboard: dict[str, Any]) -> None:
+    """Range queries on the histograms that carry trace-id exemplars ask for them."""
+    with_exemplars = ("taskscope_task_duration_seconds", "taskscope_task_loop_block_seconds")
+    for family_name in with_exemplars:
+        hits = [
+            t
+            for t in targets(dashboard)
+            if family_name + "_bucket" in t["expr"] and t.get("format") != "heatmap"
+        ]
+        assert hits, family_name
+        assert all(t["exemplar"] is True for t in hits), family_name
+
+
+def test_every_metric_family_is_on_the_dashboard(dashboard: dict[str, Any]) -> None:
+    """A metric the code emits but no panel shows is a metric nobody will look at."""
+    used = {family(name) for name in dashboard_metrics(dashboard)}
+    assert set(METRIC_NAMES) - used == set()
+
+
+def test_dashboard_and_rules_use_only_emitted_metrics(dashboard: dict[str, Any]) -> None:
+    """A misspelt name gives an empty panel, not an error: only real families are used."""
+    for name in dashboard_metrics(dashboard) | rule_metrics():
+        assert family(name) in METRIC_NAMES, name
+        if name not in METRIC_NAMES:  # a histogram sample, not a counter's _total family
+            assert name.endswith(HISTOGRAM_SUFFIXES), name
+            assert not family(name).endswith("_total"), name
+
+
+def test_queries_are_balanced(dashboard: dict[str, Any]) -> None:
+    """Cheap syntax check (the e2e test runs every query on a real Prometheus)."""
+    for target in targets(dashboard):
+        expr = target["expr"]
+        for opening, closing in ("()", "{}", "[]"):
+            assert expr.count(opening) == expr.count(closing), expr
+        assert target["refId"], expr
