@@ -1,0 +1,1 @@
+"""OTLP export through the OpenTelemetry SDK (see taskscope.otlp)."""

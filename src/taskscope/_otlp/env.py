@@ -1,0 +1,57 @@
+"""The standard ``OTEL_*`` variables, read when asked (never at import)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import unquote
+
+
+def parse_pairs(raw: str) -> dict[str, str]:
+    """``k1=v1,k2=v2`` with percent-encoded values (W3C baggage style), as OTel specifies."""
+    pairs: dict[str, str] = {}
+    for item in raw.split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            msg = f"expected key=value, got {item.strip()!r}"
+            raise ValueError(msg)
+        pairs[unquote(key.strip())] = unquote(value.strip())
+    return pairs
+
+
+def _millis(raw: str) -> float:
+    value = float(raw) / 1000.0
+    if value <= 0:
+        msg = "must be a positive number of milliseconds"
+        raise ValueError(msg)
+    return value
+
+
+_VARIABLES: dict[str, tuple[str, Any]] = {
+    "OTEL_EXPORTER_OTLP_ENDPOINT": ("endpoint", str.strip),
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": ("traces_endpoint", str.strip),
+    "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": ("metrics_endpoint", str.strip),
+    "OTEL_EXPORTER_OTLP_PROTOCOL": ("protocol", str.strip),
+    "OTEL_EXPORTER_OTLP_HEADERS": ("headers", parse_pairs),
+    "OTEL_EXPORTER_OTLP_TIMEOUT": ("export_timeout", _millis),
+    "OTEL_SERVICE_NAME": ("service_name", str.strip),
+    "OTEL_RESOURCE_ATTRIBUTES": ("resource_attributes", parse_pairs),
+    "OTEL_METRIC_EXPORT_INTERVAL": ("export_interval", _millis),
+}
+
+
+def options_from_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Keyword arguments for ``setup_otlp`` from the variables that are set and non-empty."""
+    options: dict[str, Any] = {}
+    for variable, (name, parse) in _VARIABLES.items():
+        raw = environ.get(variable)
+        if raw is None or not raw.strip():
+            continue
+        try:
+            options[name] = parse(raw)
+        except ValueError as exc:
+            msg = f"{variable}: {exc}"
+            raise ValueError(msg) from None
+    return options
