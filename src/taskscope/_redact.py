@@ -6,7 +6,8 @@ import re
 
 _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     # scheme://user:password@host -> scheme://user:***@host (connection URLs)
-    (re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://[^\s:/@]*:)[^\s@/]+@"), r"\1***@"),
+    # (up to the last "@": passwords may contain "/" or "@")
+    (re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://[^\s:/@]*:)\S+@"), r"\1***@"),
     # Authorization headers and bearer/basic tokens
     (re.compile(r"(?i)\b(bearer|basic|token)\s+[A-Za-z0-9._~+/=\-]{6,}"), r"\1 ***"),
     # key=value and key: value for secret-looking keys
@@ -30,7 +31,7 @@ def redact_secrets(message: str) -> str:
     """Mask passwords in URLs, tokens, ``secret=...`` pairs, e-mails and JWTs.
 
     The default ``Telemetry.redact``; pass your own callable to change it (it receives
-    the already-truncated message and must return a string).
+    a bounded prefix of the message (truncated after) and must return a string).
     """
     for pattern, replacement in _PATTERNS:
         message = pattern.sub(replacement, message)

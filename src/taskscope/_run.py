@@ -256,13 +256,17 @@ def safe_message(error: BaseException, telemetry: Telemetry) -> str:
         text = f"<unprintable {type(error).__name__}>"
     if not isinstance(text, str):
         text = f"<unprintable {type(error).__name__}>"
-    if len(text) > limit:
-        text = text[:limit] + "…[truncated]"
+    # Redact before truncating (a cut can split a secret from the text that marks it,
+    # e.g. the "@" of a connection URL), on a bounded prefix so the cost stays bounded.
     try:
-        redacted = telemetry.redact(text)
+        redacted = telemetry.redact(text[: limit * 4])
     except Exception:
         return "<redaction failed>"
-    return redacted if isinstance(redacted, str) else "<redaction failed>"
+    if not isinstance(redacted, str):
+        return "<redaction failed>"
+    if len(redacted) > limit or len(text) > limit * 4:
+        redacted = redacted[:limit] + "…[truncated]"
+    return redacted
 
 
 def _start_span(
