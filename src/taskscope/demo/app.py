@@ -124,8 +124,8 @@ class _Endpoint:
 def metrics_app_for(registry: Any) -> Any:
     """taskscope's exposition app (renders off the loop) if present, else prometheus_client's."""
     try:
-        from taskscope.exposition import MetricsApp  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:
+        from taskscope.exposition import MetricsApp
+    except ImportError:  # pragma: no cover - taskscope without its exposition module
         from prometheus_client import make_asgi_app
 
         return make_asgi_app(registry)

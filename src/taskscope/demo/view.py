@@ -64,6 +64,8 @@ class Frame:
     events: EventLog
     load: LoadStats | None
     metrics_url: str
+    found: list[str]
+    """Plain-language findings over the whole run so far."""
     footer: str = ""
 
 
@@ -138,7 +140,8 @@ def block_lines(blocks: list[Block]) -> list[str]:
 
 
 # -- plain text ------------------------------------------------------------------------
-def plain(frame: Frame, *, rate: bool = True, threads: int = 0, final: bool = False) -> str:
+def plain(frame: Frame, *, final: bool = False) -> str:
+    rate = not final
     headers = ROW_HEADERS if rate else ("task", "runs", *ROW_HEADERS[2:])
     rows = [headers, *(row(task, rate=rate) for task in frame.window.tasks)]
     widths = [max(len(r[i]) for r in rows) for i in range(len(headers))]
@@ -152,17 +155,15 @@ def plain(frame: Frame, *, rate: bool = True, threads: int = 0, final: bool = Fa
     if blocks and not final:
         out.append("  latest loop blocks:")
         out.extend("    " + line for line in block_lines(blocks))
-    if final:
-        found = findings(frame.window, frame.events, threads)
-        out.append("what taskscope found:")
-        out.extend("  " + line for line in found or ["nothing unusual"])
+    out.append("what taskscope found" + (":" if final else " so far:"))
+    out.extend("  " + line for line in frame.found or ["nothing unusual"])
     if frame.footer:
         out.append(frame.footer)
     return "\n".join(out)
 
 
 # -- rich ------------------------------------------------------------------------------
-def rich_view(frame: Frame, threads: int) -> Any:
+def rich_view(frame: Frame) -> Any:
     from rich.console import Group
     from rich.panel import Panel
     from rich.table import Table
@@ -193,9 +194,11 @@ def rich_view(frame: Frame, threads: int) -> Any:
     if not latest:
         blocks.add_row("", "no loop blocks yet", "")
     loop = Group(Text(loop_line(frame.window)), Text("latest blocks:", style="bold"), blocks)
+    found = Text("\n".join(frame.found or ["nothing unusual yet"]))
     parts: list[Any] = [
         table,
         Panel(loop, title="event loop", title_align="left"),
+        Panel(found, title="what taskscope found so far", title_align="left"),
         Text(load_line(frame.load), style="dim"),
     ]
     if frame.footer:

@@ -1,0 +1,190 @@
+"""``taskscope demo``: one command, and every kind of trouble shows up, correctly attributed."""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from taskscope.__main__ import main
+from taskscope.demo import app as demo_app
+from taskscope.demo.stats import Histo
+
+pytestmark = pytest.mark.slow
+
+APP_FILE = Path(demo_app.__file__).resolve()
+
+
+def marker_line(marker: str) -> int:
+    """The line number of the demo app's source line carrying ``marker``."""
+    lines = APP_FILE.read_text().splitlines()
+    found = [i for i, line in enumerate(lines, start=1) if marker in line]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def demo_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def section(output: str, start: str) -> str:
+    assert start in output, output
+    return output[output.index(start) :]
+
+
+def test_final_summary_attributes_each_kind_of_trouble(tmp_path: Path) -> None:
+    """A 6 s run names the failing, skipped, thread-starved and loop-blocking tasks correctly."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "taskscope",
+            "demo",
+            "--duration",
+            "6",
+            "--port",
+            "0",
+            "--rate",
+            "30",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=40,
+        cwd=tmp_path,
+        env=demo_env(),
+        check=False,
+    )
+    output = result.stdout
+    assert result.returncode == 0, output + result.stderr
+    assert re.search(r"metrics: http://127\.0\.0\.1:\d+/metrics", output)
+    assert "docker compose -f deploy/docker-compose.yml up" in output
+    assert "background tasks (last" in output  # a periodic summary before the end
+    summary = section(output, "taskscope demo: final summary (finished after")
+    found = section(summary, "what taskscope found:")
+
+    # Blocking: the async task, at the exact line of the sync call inside it. (On a starved
+    # machine another task's step can truly hold the loop too; it must not take the blame.)
+    blocked = re.findall(r"BLOCKED  (\S+): held the event loop (\d+) times at (\S+):(\d+)", found)
+    assert blocked, found
+    task, count, path, line = blocked[0]  # the most frequent site comes first
+    assert task == "resize_thumbnail", found
+    assert int(count) >= 3
+    assert (tmp_path / path).resolve() == APP_FILE
+    assert int(line) == marker_line("BLOCKS THE EVENT LOOP")
+    others = [b for b in blocked[1:] if b[0] != "resize_thumbnail"]
+    assert all(int(line) != int(b[3]) for b in others), found
+    assert sum(int(b[1]) for b in others) < int(count), found
+
+    # Failures: only the e-mail task, by exception class.
+    failed = re.findall(r"FAILED   (\S+): (\d+) failures \((.*)\)", found)
+    assert [f[0] for f in failed] == ["send_notification_email"], found
+    failures = int(failed[0][1])
+    kinds = dict(re.findall(r"(\w+Error) (\d+)", failed[0][2]))
+    assert set(kinds) == {"ConnectionError", "TimeoutError"}, failed
+    assert sum(int(n) for n in kinds.values()) == failures
+
+    # Skipped: the log line added after the e-mail, exactly once per failed e-mail.
+    skipped = re.findall(r"SKIPPED  (\S+): (\d+) times", found)
+    assert skipped == [("write_log", str(failures))], found
+
+    # Threadpool: the burst of slow sync reports waits for the demo's 4 worker threads.
+    threads = re.findall(
+        r"THREADS  (\S+): waited for a worker thread \(p95 ([\d.]+) (ms|s);", found
+    )
+    assert "render_report" in [t[0] for t in threads], found
+    _, value, unit = next(t for t in threads if t[0] == "render_report")
+    assert float(value) * (1 if unit == "s" else 0.001) >= 0.1
+
+    report_row = next(line for line in summary.splitlines() if "  render_report " in line)
+    assert report_row.split()[1].isdigit()  # runs
+    assert "hidden by the demo: " + str(failures) in summary
+
+
+def _read_lines(stream: object, into: queue.Queue[str]) -> None:
+    for line in stream:  # type: ignore[attr-defined]
+        into.put(line)
+
+
+def test_no_load_serves_metrics_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+    """``--no-load``: the app serves requests and /metrics; Ctrl-C prints the summary, exit 0."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "taskscope", "demo", "--no-load", "--duration", "0", "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=tmp_path,
+        env=demo_env(),
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    assert process.stdout is not None
+    reader = threading.Thread(target=_read_lines, args=(process.stdout, lines), daemon=True)
+    reader.start()
+    try:
+        url = None
+        deadline = time.monotonic() + 20
+        seen = []
+        while url is None and time.monotonic() < deadline:
+            try:
+                line = lines.get(timeout=1)
+            except queue.Empty:
+                continue
+            seen.append(line)
+            match = re.search(r"serving (http://127\.0\.0\.1:\d+)", line)
+            url = match.group(1) if match else None
+        assert url is not None, "".join(seen)
+        with httpx.Client(base_url=url, timeout=10) as client:
+            for _ in range(3):
+                response = client.post("/send-notification/ada@example.com", params={"q": "x"})
+                assert response.status_code == 200
+            metrics = client.get("/metrics")
+        assert metrics.status_code == 200
+        assert 'task="taskscope.demo.app.write_log"' in metrics.text
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=15)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        reader.join(timeout=5)
+        process.stdout.close()
+    output = "".join(seen)
+    while not lines.empty():
+        output += lines.get()
+    assert process.returncode == 0, output
+    summary = section(output, "taskscope demo: final summary (stopped by Ctrl-C")
+    assert "load: off (--no-load)" in summary
+    assert "Traceback" not in output
+    row = next(line for line in summary.splitlines() if "  write_log " in line)
+    assert int(row.split()[1]) >= 3  # the three dependency log lines (and more) ran
+
+
+def test_help_lists_the_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    """``taskscope demo --help`` documents every flag; no command prints the usage."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--duration", "--port", "--host", "--rate", "--no-load", "--interval"):
+        assert flag in text
+    assert main([]) == 2
+    assert "demo" in capsys.readouterr().out
+
+
+def test_quantiles_follow_prometheus_interpolation() -> None:
+    """Bucket quantiles interpolate linearly inside a bucket, as ``histogram_quantile`` does."""
+    histo = Histo([0.1, 0.2, float("inf")], [0.0, 10.0, 10.0], 10.0, 1.5)
+    assert histo.quantile(0.5) == pytest.approx(0.15)
+    assert histo.quantile(1.0) == pytest.approx(0.2)
+    assert histo.highest() == 0.2
+    assert Histo().quantile(0.5) is None
