@@ -163,20 +163,58 @@ def plain(frame: Frame, *, final: bool = False) -> str:
 
 
 # -- rich ------------------------------------------------------------------------------
+RICH_HEADERS = (
+    "task", "runs/s", "p50\nms", "p95\nms", "p99\nms", "wait\np95\nms", "thread\nwait\nms",
+    "failed", "skip", "in\nflight",
+)  # fmt: skip
+
+
+def ms(histo: Histo, q: float) -> str:
+    """A quantile in milliseconds, compact (the live table's unit is in its header)."""
+    value = histo.quantile(q)
+    if value is None:
+        return "-"
+    if histo.below_first_bucket(value):
+        return f"<{histo.bounds[0] * 1000:g}"
+    value *= 1000
+    return f"{value:.2g}" if value < 10 else f"{value:.0f}"
+
+
 def rich_view(frame: Frame) -> Any:
+    from rich import box
     from rich.console import Group
     from rich.panel import Panel
     from rich.table import Table
     from rich.text import Text
 
-    table = Table(title=frame.title, title_justify="left", expand=False, pad_edge=False)
-    for i, header in enumerate(ROW_HEADERS):
-        table.add_column(header, justify="left" if i in (0, 7) else "right", no_wrap=i == 0)
+    table = Table(
+        title=frame.title, title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1),
+        collapse_padding=True, pad_edge=False, title_style="bold",
+    )  # fmt: skip
+    table.add_column(RICH_HEADERS[0], overflow="fold", min_width=16)  # the one that gives way
+    for header in RICH_HEADERS[1:]:
+        table.add_column(header, justify="right", no_wrap=True)
+    failed_rows: list[tuple[str, str, str]] = []
     for task in frame.window.tasks:
-        cells = list(row(task))
+        failed = sum(task.failures.values())
+        cells = [
+            short(task.name),
+            f"{task.rate:.1f}",
+            ms(task.duration, 0.5),
+            ms(task.duration, 0.95),
+            ms(task.duration, 0.99),
+            ms(task.wait, 0.95),
+            ms(task.thread_wait, 0.95) if task.thread_wait.count else "-",
+            f"{failed:.0f}",
+            f"{task.outcomes.get('skipped', 0):.0f}",
+            f"{task.in_progress:.0f}",
+        ]
         styles = [""] * len(cells)
-        if task.failures:
+        if failed:
             styles[7] = "bold red"
+            failed_rows.extend(
+                (short(task.name), kind, f"{count:.0f}") for kind, count in task.failures.items()
+            )
         if task.outcomes.get("skipped"):
             styles[8] = "yellow"
         if task.loop_blocks:
@@ -184,21 +222,42 @@ def rich_view(frame: Frame) -> Any:
         if task.thread_wait.count and (task.thread_wait.quantile(0.95) or 0) >= 0.01:
             styles[6] = "yellow"
         table.add_row(*(Text(c, style=s) for c, s in zip(cells, styles, strict=True)))
-    blocks = Table.grid(padding=(0, 2))
-    blocks.add_column(justify="right")
-    blocks.add_column(style="magenta")
-    blocks.add_column()
-    latest = frame.events.latest_blocks(5)
+    if not frame.window.tasks:
+        table.add_row("no background task has run yet", *[""] * (len(RICH_HEADERS) - 1))
+
+    errors = Table(box=None, padding=(0, 1), pad_edge=False, show_header=False)
+    errors.add_column(no_wrap=True)
+    errors.add_column(style="red", no_wrap=True)
+    errors.add_column(justify="right")
+    for failed_row in failed_rows:
+        errors.add_row(*failed_row)
+    if not failed_rows:
+        errors.add_row("no failures", "", "")
+
+    blocks = Table(box=None, padding=(0, 1), pad_edge=False, show_header=False)
+    blocks.add_column(justify="right", no_wrap=True)
+    blocks.add_column(style="magenta", no_wrap=True)
+    blocks.add_column(overflow="fold")
+    latest = frame.events.latest_blocks(3)
     for block in latest:
         blocks.add_row(seconds(block.duration), short(block.task), where(block.location))
     if not latest:
         blocks.add_row("", "no loop blocks yet", "")
-    loop = Group(Text(loop_line(frame.window)), Text("latest blocks:", style="bold"), blocks)
-    found = Text("\n".join(frame.found or ["nothing unusual yet"]))
+
+    title = frame.title.split(" (", 1)[-1].rstrip(")")
     parts: list[Any] = [
         table,
-        Panel(loop, title="event loop", title_align="left"),
-        Panel(found, title="what taskscope found so far", title_align="left"),
+        Panel(errors, title=f"failures by error type ({title})", title_align="left"),
+        Panel(
+            Group(Text(loop_line(frame.window)), blocks),
+            title="event loop (latest blocks: duration, task, where)",
+            title_align="left",
+        ),
+        Panel(
+            Text("\n".join(frame.found or ["nothing unusual yet"])),
+            title="what taskscope found so far",
+            title_align="left",
+        ),
         Text(load_line(frame.load), style="dim"),
     ]
     if frame.footer:
