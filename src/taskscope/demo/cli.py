@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import signal
 import sys
@@ -61,7 +62,12 @@ class Session:
     """One demo run: the registry, the recorded events, the history behind the view."""
 
     def __init__(
-        self, registry: CollectorRegistry, events: EventLog, load: LoadStats | None, url: str
+        self,
+        registry: CollectorRegistry,
+        events: EventLog,
+        load: LoadStats | None,
+        url: str,
+        otlp_endpoint: str = "",
     ) -> None:
         from taskscope.demo.stats import take_snapshot
 
@@ -69,6 +75,7 @@ class Session:
         self.events = events
         self.load = load
         self.url = url
+        self.otlp_endpoint = otlp_endpoint
         self.started = time.monotonic()
         self.history: deque[Snapshot] = deque([take_snapshot(registry)])
 
@@ -91,7 +98,19 @@ class Session:
         if not whole_run:
             title = f"{title} (last {shown.seconds:.0f} s)"
         found = findings(total, self.events, DEMO_THREADS)
-        return Frame(title, shown, self.events, self.load, f"{self.url}/metrics", found, footer)
+        otlp = ""
+        if self.otlp_endpoint:
+            failed = sum(
+                value
+                for (name, _), value in now.counters.items()
+                if name == "taskscope_otlp_export_failures_total"
+            )
+            otlp = (
+                f"OTLP to {self.otlp_endpoint}: {failed:.0f} failed exports "
+                "(taskscope_otlp_export_failures_total; SDK error logs muted)"
+            )
+        metrics = f"{self.url}/metrics"
+        return Frame(title, shown, self.events, self.load, metrics, found, footer, otlp)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -148,8 +167,10 @@ def run(args: argparse.Namespace) -> int:
         print("the demo server did not start (see the errors above)", file=sys.stderr)
         return 1
 
+    if otlp.handle is not None:  # the view shows the failure counter instead of log spam
+        logging.getLogger("opentelemetry").setLevel(logging.CRITICAL)
     load = None if args.no_load else LoadStats()
-    session = Session(registry, events, load, url)
+    session = Session(registry, events, load, url, otlp.endpoint)
     stop_load = threading.Event()
     end = session.started + args.duration if args.duration > 0 else None
     previous = signal.signal(signal.SIGTERM, _raise_stop)

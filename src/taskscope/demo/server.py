@@ -109,6 +109,7 @@ class Otlp:
     meter_provider: Any = None
     handle: Any = None
     note: str = ""
+    endpoint: str = ""
 
     @classmethod
     def from_env(cls, registry: Any) -> Otlp:
@@ -125,7 +126,7 @@ class Otlp:
         except Exception as exc:
             return cls(note=f"OTLP export not started: {type(exc).__name__}: {exc}")
         note = f"OTLP: exporting spans and metrics to {endpoint}"
-        return cls(handle.tracer_provider, handle.meter_provider, handle, note)
+        return cls(handle.tracer_provider, handle.meter_provider, handle, note, endpoint)
 
     def shutdown(self) -> None:
         """Flush and stop the exporters (bounded by taskscope.otlp: a dead collector is fine)."""

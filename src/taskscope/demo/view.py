@@ -67,6 +67,8 @@ class Frame:
     found: list[str]
     """Plain-language findings over the whole run so far."""
     footer: str = ""
+    otlp: str = ""
+    """OTLP export status, when it is on."""
 
 
 ROW_HEADERS = (
@@ -151,6 +153,8 @@ def plain(frame: Frame, *, final: bool = False) -> str:
     )
     out.append("  " + loop_line(frame.window))
     out.append("  " + load_line(frame.load))
+    if frame.otlp:
+        out.append("  " + frame.otlp)
     blocks = frame.events.latest_blocks(3)
     if blocks and not final:
         out.append("  latest loop blocks:")
@@ -260,6 +264,8 @@ def rich_view(frame: Frame) -> Any:
         ),
         Text(load_line(frame.load), style="dim"),
     ]
+    if frame.otlp:
+        parts.append(Text(frame.otlp, style="dim"))
     if frame.footer:
         parts.append(Text(frame.footer, style="dim"))
     return Group(*parts)
