@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import gzip
 import inspect
 import socket
 import statistics
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -44,17 +46,28 @@ class Heartbeat:
     """A 1 ms-period sleeper on the app's loop; remembers how late each wake-up was."""
 
     def __init__(self) -> None:
-        self.samples: list[tuple[float, float]] = []  # (woke at, lateness)
+        self.samples: list[tuple[float, float, float]] = []  # (slept at, woke at, lateness)
 
     async def run(self) -> None:
         while True:
             start = time.perf_counter()
             await asyncio.sleep(0.001)
             woke = time.perf_counter()
-            self.samples.append((woke, woke - start - 0.001))
+            self.samples.append((start, woke, woke - start - 0.001))
 
     def max_lateness(self, start: float, end: float) -> float:
-        return max((late for woke, late in self.samples if start <= woke <= end), default=0.0)
+        """The worst lateness of the sleeps that overlapped ``[start, end]``."""
+        return max(
+            (late for slept, woke, late in self.samples if slept <= end and woke >= start),
+            default=0.0,
+        )
+
+    def settle(self, after: float) -> None:
+        """Wait for a sleep that began after ``after``: the next window starts clean."""
+        deadline = time.perf_counter() + 5
+        while not any(slept > after for slept, _, _ in self.samples[-5:]):
+            assert time.perf_counter() < deadline, "the heartbeat stopped"
+            time.sleep(0.002)
 
 
 @contextlib.contextmanager
@@ -110,25 +123,37 @@ def test_scrape_does_not_stall_the_loop() -> None:
         ],
         lifespan=lifespan,
     )
-    lags: dict[str, list[float]] = {"/metrics/": [], "/prom/": []}
+    lags: dict[str, list[float]] = {"/metrics/": [], "/prom/": [], "idle": []}
     headers = {"Accept-Encoding": "gzip"}
     with serve(app) as base, httpx.Client(base_url=base, timeout=30) as client:
         for _ in range(5):
-            for path, found in lags.items():
+            durations = []
+            for path in ("/metrics/", "/prom/"):
                 start = time.perf_counter()
                 with client.stream("GET", path, headers=headers) as response:
                     raw = b"".join(response.iter_raw())  # no decoding inside the window
                 end = time.perf_counter()
-                found.append(heartbeat.max_lateness(start, end))
+                durations.append(end - start)
+                heartbeat.settle(after=end)
+                lags[path].append(heartbeat.max_lateness(start, end))
                 assert response.status_code == 200
                 assert gzip.decompress(raw).count(b"load_things_total{") == SERIES
-    ours, theirs = statistics.median(lags["/metrics/"]), statistics.median(lags["/prom/"])
+            # As long again without a scrape: what the machine alone (other processes) costs.
+            start = time.perf_counter()
+            time.sleep(max(durations))
+            end = time.perf_counter()
+            heartbeat.settle(after=end)
+            lags["idle"].append(heartbeat.max_lateness(start, end))
+    ours, theirs, idle = (statistics.median(lags[k]) for k in ("/metrics/", "/prom/", "idle"))
     print(
-        f"\nloop lag during a {SERIES}-series scrape (median of 5 scrapes' worst; all in ms): "
-        f"taskscope MetricsApp {ours * 1000:.1f} {_ms(lags['/metrics/'])}, "
-        f"prometheus_client make_asgi_app {theirs * 1000:.1f} {_ms(lags['/prom/'])}"
+        f"\nloop lag during a {SERIES}-series scrape, median of 5 scrapes' worst (all, ms): "
+        f"taskscope MetricsApp {ours * 1000:.1f} {_ms(lags['/metrics/'])}; "
+        f"prometheus_client make_asgi_app {theirs * 1000:.1f} {_ms(lags['/prom/'])}; "
+        f"idle {idle * 1000:.1f} {_ms(lags['idle'])}"
     )
-    assert ours < 0.020
+    # Under 20 ms, plus whatever the machine alone cost in the worst idle window (about
+    # 0-3 ms when quiet; more when other processes compete for the CPUs).
+    assert ours < 0.020 + max(lags["idle"])
 
 
 def _ms(values: list[float]) -> list[float]:
@@ -305,3 +330,21 @@ def test_standalone_server_binds_localhost_and_serves() -> None:
     server.close()  # idempotent
     with pytest.raises(httpx.ConnectError), httpx.Client(timeout=2) as client:
         client.get(server.url)
+
+
+def test_render_restores_interpreter_settings() -> None:
+    """Rendering pauses GC and shortens the switch interval only while it runs."""
+    registry = CollectorRegistry()
+    Counter("thing", "x", registry=registry).inc()
+    interval = sys.getswitchinterval()
+    app = Starlette(routes=[Route("/metrics", MetricsApp(registry))])
+    with TestClient(app) as client:
+        assert client.get("/metrics").status_code == 200
+        assert gc.isenabled()
+        assert sys.getswitchinterval() == interval
+        gc.disable()  # the application's own choice is kept
+        try:
+            assert client.get("/metrics").status_code == 200
+            assert not gc.isenabled()
+        finally:
+            gc.enable()
