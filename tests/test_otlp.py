@@ -328,3 +328,35 @@ def test_counters_are_created_once_per_registry(registry: CollectorRegistry) -> 
     finally:
         first.shutdown(timeout=1.0)
         second.shutdown(timeout=1.0)
+
+
+def test_force_flush_is_bounded(registry: CollectorRegistry) -> None:
+    """force_flush() delivers what is buffered, and returns on time when the collector hangs."""
+    with OtlpReceiver() as ok:
+        handle = setup_otlp(endpoint=ok.endpoint, registry=registry, schedule_delay=60)
+        handle.tracer_provider.get_tracer("t").start_span("buffered").end()
+        assert handle.force_flush() is True
+        assert [span.name for _, span in ok.spans()] == ["buffered"]
+        handle.shutdown()
+    with OtlpReceiver("hang", hang_limit=15) as hung:
+        handle = setup_otlp(
+            endpoint=hung.endpoint, registry=registry, schedule_delay=60, export_timeout=5.0
+        )
+        handle.tracer_provider.get_tracer("t").start_span("stuck").end()
+        started = time.perf_counter()
+        assert handle.force_flush(timeout=0.5) is False
+        assert time.perf_counter() - started < 1.5
+        handle.shutdown(timeout=0.5)
+
+
+def test_spans_are_batched_never_exported_inline(registry: CollectorRegistry) -> None:
+    """The tracer provider has exactly one processor, a BatchSpanProcessor."""
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    handle = setup_otlp(endpoint=_closed_port_endpoint(), registry=registry)
+    try:
+        processors = handle.tracer_provider._active_span_processor._span_processors
+        assert len(processors) == 1
+        assert isinstance(processors[0], BatchSpanProcessor)
+    finally:
+        handle.shutdown(timeout=1.0)

@@ -6,7 +6,10 @@ worker thread instead (one at a time, coalescing concurrent scrapes)::
 
     from taskscope.exposition import MetricsApp
 
-    app.mount("/metrics", MetricsApp())
+    app.add_route("/metrics", MetricsApp())  # or Route("/metrics", MetricsApp())
+
+(``app.mount("/metrics", ...)`` works too, but answers ``/metrics`` with a redirect to
+``/metrics/``.)
 
 or, for apps that should not serve metrics on their public port::
 

@@ -48,10 +48,13 @@ class _LoopState:
 class MetricsApp:
     """Serve Prometheus metrics from an ASGI app without blocking its event loop.
 
-    Mount it: ``app.mount("/metrics", MetricsApp())`` (or ``Route("/metrics", MetricsApp())``).
+    Route it: ``app.add_route("/metrics", MetricsApp())`` or ``Route("/metrics", MetricsApp())``
+    (``app.mount("/metrics", ...)`` works, with a redirect from ``/metrics`` to ``/metrics/``).
 
     * Rendering runs in a worker thread behind a dedicated one-token limiter, so a
-      scrape neither stalls the loop nor takes threads from the app's threadpool.
+      scrape neither stalls the loop nor takes threads from the app's threadpool; while
+      it runs, GC is paused and the GIL switch interval is 1 ms (see
+      ``taskscope._exposition.render.polite_rendering``).
     * Concurrent scrapes asking for the same output share one rendering.
     * ``Accept: application/openmetrics-text`` gets OpenMetrics (with exemplars);
       anything else gets the classic text format 0.0.4. Gzip when the client accepts it
