@@ -18,6 +18,7 @@ import pytest
 from taskscope.__main__ import main
 from taskscope.demo import app as demo_app
 from taskscope.demo.stats import Histo
+from tests.otlp_receiver import OtlpReceiver, attributes
 
 pytestmark = pytest.mark.slow
 
@@ -75,15 +76,19 @@ def test_final_summary_attributes_each_kind_of_trouble(tmp_path: Path) -> None:
 
     # Blocking: the async task, at the exact line of the sync call inside it. (On a starved
     # machine another task's step can truly hold the loop too; it must not take the blame.)
-    blocked = re.findall(r"BLOCKED  (\S+): held the event loop (\d+) times at (\S+):(\d+)", found)
+    blocked = re.findall(
+        r"BLOCKED  (\S+): held the event loop (\d+) times \((\S+) ms on average\) at (\S+):(\d+)",
+        found,
+    )
     assert blocked, found
-    task, count, path, line = blocked[0]  # the most frequent site comes first
+    task, count, mean, path, line = blocked[0]  # the most frequent site comes first
     assert task == "resize_thumbnail", found
     assert int(count) >= 3
+    assert 140 <= float(mean) < 400  # time.sleep(0.15)
     assert (tmp_path / path).resolve() == APP_FILE
     assert int(line) == marker_line("BLOCKS THE EVENT LOOP")
     others = [b for b in blocked[1:] if b[0] != "resize_thumbnail"]
-    assert all(int(line) != int(b[3]) for b in others), found
+    assert all(int(line) != int(b[4]) for b in others), found
     assert sum(int(b[1]) for b in others) < int(count), found
 
     # Failures: only the e-mail task, by exception class.
@@ -167,6 +172,45 @@ def test_no_load_serves_metrics_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     assert "Traceback" not in output
     row = next(line for line in summary.splitlines() if "  write_log " in line)
     assert int(row.split()[1]) >= 3  # the three dependency log lines (and more) ran
+
+
+def test_otlp_endpoint_gets_the_task_spans_and_metrics(tmp_path: Path) -> None:
+    """With ``OTEL_EXPORTER_OTLP_ENDPOINT`` set, task spans and metrics reach the collector."""
+    with OtlpReceiver() as receiver:
+        env = demo_env()
+        env["OTEL_EXPORTER_OTLP_ENDPOINT"] = receiver.endpoint
+        env["OTEL_METRIC_EXPORT_INTERVAL"] = "1000"
+        result = subprocess.run(
+            [sys.executable, "-m", "taskscope", "demo", "--duration=3", "--port=0", "--rate=10"],
+            capture_output=True,
+            text=True,
+            timeout=40,
+            cwd=tmp_path,
+            env=env,
+            check=False,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert f"OTLP to {receiver.endpoint}: 0 failed exports" in result.stdout
+        spans = [span for _, span in receiver.spans()]
+        points = receiver.metric_points("taskscope.tasks")
+    names = {span.name for span in spans}
+    assert "background_task taskscope.demo.app.resize_thumbnail" in names
+    failed = [
+        span
+        for span in spans
+        if attributes(span.attributes).get("taskscope.task.outcome") == "failure"
+    ]
+    assert failed
+    assert {attributes(s.attributes)["error.type"] for s in failed} <= {
+        "ConnectionError",
+        "TimeoutError",
+    }
+    blocked = [event for span in spans for event in span.events if event.name == "loop.blocked"]
+    line = marker_line("BLOCKS THE EVENT LOOP")
+    assert any(
+        str(attributes(e.attributes)["code.location"]).endswith(f"app.py:{line}") for e in blocked
+    )
+    assert points
 
 
 def test_help_lists_the_flags(capsys: pytest.CaptureFixture[str]) -> None:

@@ -199,6 +199,7 @@ def run(args: argparse.Namespace) -> int:
     elapsed = time.monotonic() - session.started
     how = "stopped by Ctrl-C" if interrupted else "finished"
     footer = (
+        "(quantiles are estimated from the histogram buckets, as histogram_quantile() does)\n"
         f"uvicorn tracebacks of failed background tasks hidden by the demo: "
         f"{server.quiet.hidden}\n"
         f"metrics were at {url}/metrics; the tutorial's log file: {demo_app.LOG_FILE}"
@@ -213,8 +214,8 @@ def _hints(url: str, target: str, note: str) -> str:
         f"taskscope demo serving {url}  (POST /send-notification/{{email}}, "  # noqa: ISC003
         + "/reports/{id}, /thumbnails/{id})",
         f"metrics: {url}/metrics  (Prometheus text format; OpenMetrics with exemplars)",
-        "Prometheus + Grafana with taskscope's dashboard and alerts: "  # noqa: ISC003
-        + "docker compose -f deploy/docker-compose.yml up",
+        "Prometheus + Grafana + Tempo with taskscope's dashboard and alerts, on their own "  # noqa: ISC003
+        + "copy of this demo: docker compose -f deploy/docker-compose.yml up --build",
         "your own Prometheus: add to prometheus.yml under scrape_configs: "  # noqa: ISC003
         + f"{{job_name: taskscope-demo, static_configs: [{{targets: ['{target}']}}]}}",
     ]

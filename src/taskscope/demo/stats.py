@@ -242,7 +242,7 @@ class EventLog:
     def __init__(self, keep: int = 50) -> None:
         self.blocks: deque[Block] = deque(maxlen=keep)
         self.counts: dict[str, int] = {}
-        self.block_counts: dict[tuple[str, str], int] = {}
+        self.block_sites_seen: dict[tuple[str, str], tuple[int, float]] = {}
         self._lock = threading.Lock()
 
     def _event(self, event: str, fields: dict[str, Any]) -> None:
@@ -260,17 +260,19 @@ class EventLog:
                 )
                 self.blocks.append(block)
                 key = (block.task, block.location)
-                self.block_counts[key] = self.block_counts.get(key, 0) + 1
+                count, seconds = self.block_sites_seen.get(key, (0, 0.0))
+                self.block_sites_seen[key] = (count + 1, seconds + block.duration)
 
     def latest_blocks(self, n: int) -> list[Block]:
         with self._lock:
             return list(self.blocks)[-n:][::-1]
 
-    def block_sites(self) -> list[tuple[str, str, int]]:
-        """``(task, location, count)`` for every place that blocked, most frequent first."""
+    def block_sites(self) -> list[tuple[str, str, int, float]]:
+        """``(task, location, count, mean seconds)`` per place that blocked, most first."""
         with self._lock:
-            items = list(self.block_counts.items())
-        return sorted(((t, loc, n) for (t, loc), n in items), key=lambda x: -x[2])
+            items = list(self.block_sites_seen.items())
+        sites = [(t, loc, n, seconds / n) for (t, loc), (n, seconds) in items]
+        return sorted(sites, key=lambda site: -site[2])
 
     def debug(self, event: str, **fields: Any) -> None:
         self._event(event, fields)

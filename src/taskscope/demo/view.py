@@ -130,9 +130,10 @@ def findings(window: Window, events: EventLog, threads: int) -> list[str]:
                 f"THREADS  {name}: waited for a worker thread (p95 {seconds(p95)}; "
                 f"the demo has {threads} threads)"
             )
-    for task_name, location, count in events.block_sites():
+    for task_name, location, count, mean in events.block_sites():
         lines.append(
-            f"BLOCKED  {short(task_name)}: held the event loop {count} times at {where(location)}"
+            f"BLOCKED  {short(task_name)}: held the event loop {count} times "
+            f"({seconds(mean)} on average) at {where(location)}"
         )
     return lines
 
