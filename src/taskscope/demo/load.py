@@ -27,13 +27,17 @@ class LoadStats:
     sent: int = 0
     ok: int = 0
     errors: int = 0
+    dropped: int = 0
+    """Not sent: the concurrency cap was reached (the server is saturated)."""
+    last_error: str = ""
     latencies: list[float] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def add(self, seconds: float | None) -> None:
+    def add(self, seconds: float | None, error: str = "") -> None:
         with self.lock:
             if seconds is None:
                 self.errors += 1
+                self.last_error = error
             else:
                 self.ok += 1
                 self.latencies.append(seconds)
@@ -103,7 +107,7 @@ async def run_load(
 
     async def one(path: str) -> None:
         try:
-            seconds: float | None = await request(host, port, path)
+            seconds = await request(host, port, path)
         except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError):
             seconds = None
         finally:
@@ -121,7 +125,7 @@ async def run_load(
             if stop.is_set():
                 break
             if limit.locked():  # server saturated: drop the request rather than pile up
-                stats.add(None)
+                stats.dropped += 1
                 continue
             await limit.acquire()
             stats.sent += 1

@@ -105,10 +105,12 @@ def loop_line(window: Window) -> str:
 def load_line(load: LoadStats | None) -> str:
     if load is None:
         return "load: off (--no-load): send requests yourself"
-    return (
-        f"load: {load.sent} requests sent, {load.errors} failed or dropped; response time "
-        f"p50 {seconds(load.latency(0.5))}, p99 {seconds(load.latency(0.99))}"
+    line = (
+        f"load: {load.sent} requests sent, {load.errors} failed, {load.dropped} not sent "
+        f"(concurrency cap); response time p50 {seconds(load.latency(0.5))}, "
+        f"p99 {seconds(load.latency(0.99))}"
     )
+    return f"{line}; last error: {load.last_error}" if load.last_error else line
 
 
 def findings(window: Window, events: EventLog, threads: int) -> list[str]:
