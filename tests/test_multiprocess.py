@@ -79,7 +79,6 @@ def running(
 ) -> Iterator[subprocess.Popen[bytes]]:
     """Start the server in its own session; always terminate the whole group."""
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(multiproc_dir)}
-    env.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
     log = (cwd / "server.log").open("wb")
     proc = subprocess.Popen(
         command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True

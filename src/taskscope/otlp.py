@@ -26,7 +26,9 @@ What it sets up, and why:
   ``taskscope_otlp_spans_dropped_total`` (spans the batch processor dropped because its
   queue was full, or that ended after shutdown).
 
-Global providers are left alone unless ``set_global=True``. :func:`setup_otlp` reads no
+Call it in each worker process (e.g. in the app's lifespan), not in a pre-fork master:
+export threads do not survive ``fork``. Global providers are left alone unless
+``set_global=True``. :func:`setup_otlp` reads no
 environment variable for what it is given; :func:`setup_otlp_from_env` reads
 ``OTEL_EXPORTER_OTLP_ENDPOINT``, ``OTEL_EXPORTER_OTLP_{TRACES,METRICS}_ENDPOINT``,
 ``OTEL_EXPORTER_OTLP_PROTOCOL``, ``OTEL_EXPORTER_OTLP_HEADERS``,
