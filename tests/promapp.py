@@ -16,7 +16,6 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any
 
-from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -25,6 +24,7 @@ from starlette.routing import Route
 
 from taskscope import BackgroundTasks, Telemetry, start_loop_probe
 from taskscope.exposition import MetricsApp
+from taskscope.otlp import setup_otlp
 
 # (path, task outcomes it records); the e2e test drives these, in order, once per round.
 ROUND: tuple[tuple[str, int], ...] = (
@@ -105,23 +105,32 @@ def build_app(telemetry: Telemetry, metrics_app: Any) -> Starlette:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--fd", type=int, required=True, help="inherited listening socket")
+    parser.add_argument(
+        "--otlp-endpoint", required=True, help="OTLP/HTTP base URL (the test gives a dead one)"
+    )
     args = parser.parse_args()
 
     import uvicorn
 
     registry = CollectorRegistry()
-    telemetry = Telemetry(
+    # Real SDK providers: trace ids for the exemplars, and OTLP export that fails against
+    # the dead endpoint, so the loss counters (taskscope_otlp_*) move as in an outage.
+    otlp = setup_otlp(
+        endpoint=args.otlp_endpoint,
         registry=registry,
-        tracer_provider=TracerProvider(),  # real trace ids for exemplars; nothing exported
-        otel_metrics=False,
-        loop_probe=True,
-        block_threshold=0.1,
-        lag_interval=0.05,
+        export_timeout=0.5,
+        export_interval=1.0,
+        schedule_delay=0.2,
+        shutdown_timeout=1.0,
     )
+    telemetry = otlp.telemetry(block_threshold=0.1, lag_interval=0.05, loop_probe=True)
     app = build_app(telemetry, MetricsApp(registry=registry))
     sock = socket.socket(fileno=args.fd)
     config = uvicorn.Config(app, log_level="warning", lifespan="on", access_log=False)
-    uvicorn.Server(config).run(sockets=[sock])
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        otlp.shutdown()
 
 
 if __name__ == "__main__":

@@ -10,15 +10,42 @@ from typing import Any
 
 import pytest
 import yaml
+from prometheus_client import CollectorRegistry
 
-from taskscope._signals.prometheus import METRIC_NAMES
+from taskscope._signals.prometheus import METRIC_NAMES as TASK_METRIC_NAMES
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD_PATH = ROOT / "dashboards" / "taskscope.json"
 RULES_PATH = ROOT / "deploy" / "prometheus" / "alerts.yml"
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 METRIC = re.compile(r"\btaskscope_[a-z0-9_]+")
-NO_TASK_LABEL = {"taskscope_event_loop_lag_seconds", "taskscope_instrumentation_errors_total"}
+
+
+def otlp_metric_names() -> tuple[str, ...]:
+    """The loss counters of taskscope.otlp, as the code registers them."""
+    from taskscope._otlp.counting import counters_for
+
+    registry = CollectorRegistry()
+    counters_for(registry)
+    return tuple(
+        sorted(
+            {
+                sample.name
+                for metric in registry.collect()
+                for sample in metric.samples
+                if sample.name.endswith("_total")
+            }
+        )
+    )
+
+
+OTLP_METRIC_NAMES = otlp_metric_names()
+METRIC_NAMES = (*TASK_METRIC_NAMES, *OTLP_METRIC_NAMES)
+NO_TASK_LABEL = {
+    "taskscope_event_loop_lag_seconds",
+    "taskscope_instrumentation_errors_total",
+    *OTLP_METRIC_NAMES,
+}
 
 
 @pytest.fixture(scope="module")
@@ -155,11 +182,7 @@ def test_targets_are_filtered_by_the_variables(dashboard: dict[str, Any]) -> Non
         for name, labels in selector.findall(expr):
             assert 'job=~"$job"' in labels, expr
             assert 'instance=~"$instance"' in labels, expr
-            unlabelled = {
-                "taskscope_event_loop_lag_seconds",
-                "taskscope_instrumentation_errors_total",
-            }
-            if family(name) not in unlabelled:
+            if family(name) not in NO_TASK_LABEL:
                 assert 'task=~"$task"' in labels, expr
 
 
@@ -178,6 +201,10 @@ def test_duration_panels_show_exemplars(dashboard: dict[str, Any]) -> None:
 
 def test_every_metric_family_is_on_the_dashboard(dashboard: dict[str, Any]) -> None:
     """A metric the code emits but no panel shows is a metric nobody will look at."""
+    assert OTLP_METRIC_NAMES == (
+        "taskscope_otlp_export_failures_total",
+        "taskscope_otlp_spans_dropped_total",
+    )
     used = {family(name) for name in dashboard_metrics(dashboard)}
     assert set(METRIC_NAMES) - used == set()
 

@@ -30,6 +30,7 @@ from tests.promapp import ROUND, TASKS_PER_ROUND
 from tests.prometheus_server import (
     PrometheusServer,
     finite_values,
+    free_port,
     running_prometheus,
     wait_for,
 )
@@ -56,6 +57,7 @@ FIRING = {
     "TaskscopeTasksSkipped",  # after_failure is skipped after each failure
     "TaskscopeEventLoopBlocked",  # blocks_the_loop sleeps 150 ms on the loop
     "TaskscopeTaskMisuse",  # sync_returning_coroutine: coroutine_not_awaited
+    "TaskscopeOtlpExportFailing",  # the app exports OTLP to a port nobody listens on
 }
 # Alerts whose expression must stay empty with this workload.
 SILENT = {
@@ -63,6 +65,7 @@ SILENT = {
     "TaskscopeTaskWaitGrowing",  # waits are milliseconds
     "TaskscopeThreadpoolSaturated",  # a handful of sync tasks, 40 threads
     "TaskscopeInstrumentationErrors",  # taskscope must not fail on its own
+    "TaskscopeOtlpSpansDropped",  # a few dozen spans, a 2048-span queue
 }
 # TaskscopeEventLoopLagHigh may go either way: two 150 ms blocks among a few hundred
 # heartbeats sit right at the 1% the p99 looks at. It is only checked to evaluate cleanly.
@@ -122,6 +125,7 @@ def drive_round(app: App) -> None:
 def promapp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
     """The e2e app under uvicorn in a subprocess, on a socket bound here (no port race)."""
     log = tmp_path_factory.mktemp("promapp") / "app.log"
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens: every OTLP export fails
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         sock.listen(64)  # connections queue until uvicorn accepts them
@@ -129,7 +133,15 @@ def promapp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
         with log.open("wb") as out:
             process = subprocess.Popen(
                 # Imported, not run as __main__, so task names read tests.promapp.<func>.
-                [sys.executable, "-c", RUN_APP, "--fd", str(sock.fileno())],
+                [
+                    sys.executable,
+                    "-c",
+                    RUN_APP,
+                    "--fd",
+                    str(sock.fileno()),
+                    "--otlp-endpoint",
+                    dead,
+                ],
                 pass_fds=(sock.fileno(),),
                 cwd=ROOT,
                 stdout=out,
