@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -21,6 +22,7 @@ import pytest
 import uvicorn
 from prometheus_client import CollectorRegistry, Counter, make_asgi_app
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.mmap_dict import MmapedDict, mmap_key
 from prometheus_client.registry import Collector
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -301,6 +303,24 @@ def test_default_registry_is_resolved_at_scrape_time(monkeypatch: pytest.MonkeyP
     with TestClient(app) as client:
         body = client.get("/metrics").text
     assert "python_info" in body  # the process registry's platform collector
+
+
+def test_multiprocess_dir_is_read_at_scrape_time(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """PROMETHEUS_MULTIPROC_DIR set after the app was built: each scrape merges the files."""
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    app = Starlette(routes=[Route("/metrics", MetricsApp())])
+    for pid, value in ((101, 2.0), (102, 3.0)):  # what two workers' counters leave behind
+        values = MmapedDict(str(tmp_path / f"counter_{pid}.db"))  # type: ignore[no-untyped-call]
+        key = mmap_key("jobs", "jobs_total", ["kind"], ["email"], "Jobs.")
+        values.write_value(key, value, 0.0)  # type: ignore[no-untyped-call]
+        values.close()  # type: ignore[no-untyped-call]
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    with TestClient(app) as client:
+        body = client.get("/metrics").text
+    assert 'jobs_total{kind="email"} 5.0' in body
+    assert "python_info" not in body  # a fresh registry, not the process one
 
 
 def test_standalone_server_binds_localhost_and_serves() -> None:
