@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -34,7 +35,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         from taskscope.demo.cli import run
 
-        return run(args)
+        try:
+            return run(args)
+        except BrokenPipeError:  # `taskscope demo | head`: stop quietly
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 1
     parser.print_help()
     return 2
 

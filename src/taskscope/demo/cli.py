@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -148,7 +149,8 @@ def run(args: argparse.Namespace) -> int:
         print("pick another port with --port (0: any free port)", file=sys.stderr)
         return 1
     port = sock.getsockname()[1]
-    url = f"http://{f'[{args.host}]' if ':' in args.host else args.host}:{port}"
+    local = client_host(args.host)  # 0.0.0.0 is not an address to browse to
+    url = f"http://{f'[{local}]' if ':' in local else local}:{port}"
 
     registry = CollectorRegistry()  # the demo's own, not the process registry
     otlp = Otlp.from_env(registry)
@@ -165,6 +167,8 @@ def run(args: argparse.Namespace) -> int:
     server = DemoServer(demo_app.create_app(telemetry, demo_app.metrics_app_for(registry)), sock)
     if not server.start():
         print("the demo server did not start (see the errors above)", file=sys.stderr)
+        sock.close()
+        otlp.shutdown()
         return 1
 
     if otlp.handle is not None:  # the view shows the failure counter instead of log spam
@@ -174,30 +178,31 @@ def run(args: argparse.Namespace) -> int:
     stop_load = threading.Event()
     end = session.started + args.duration if args.duration > 0 else None
     previous = signal.signal(signal.SIGTERM, _raise_stop)
-    interrupted = False
+    how = "finished"
+    load_thread = threading.Thread(
+        target=lambda: load and asyncio.run(run_load(local, port, args.rate, stop_load, load)),
+        name="demo-load",
+        daemon=True,
+    )
     try:
-        print(_hints(url, url.removeprefix("http://"), otlp.note), flush=True)
-        if load is not None:
-            threading.Thread(
-                target=asyncio.run,
-                args=(run_load(client_host(args.host), port, args.rate, stop_load, load),),
-                name="demo-load",
-                daemon=True,
-            ).start()
+        print(_hints(url, args.host, port, otlp.note), flush=True)
+        load_thread.start()
         if interactive:
             _live(session, interval, end)
         else:
             _periodic(session, interval, end)
-    except (KeyboardInterrupt, _Stop):
-        interrupted = True
+    except KeyboardInterrupt:
+        how = "stopped by Ctrl-C"
+    except _Stop:
+        how = "stopped by SIGTERM"
     finally:
         stop_load.set()
+        _join(load_thread, 6)
         server.stop()
         otlp.shutdown()
         signal.signal(signal.SIGTERM, previous)
 
     elapsed = time.monotonic() - session.started
-    how = "stopped by Ctrl-C" if interrupted else "finished"
     footer = (
         "(quantiles are estimated from the histogram buckets, as histogram_quantile() does)\n"
         f"uvicorn tracebacks of failed background tasks hidden by the demo: "
@@ -209,9 +214,19 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _hints(url: str, target: str, note: str) -> str:
+def _join(thread: threading.Thread, timeout: float) -> None:
+    """Join a started thread; a second Ctrl-C meanwhile just stops waiting."""
+    if thread.ident is not None:
+        with contextlib.suppress(KeyboardInterrupt):
+            thread.join(timeout)
+
+
+def _hints(url: str, host: str, port: int, note: str) -> str:
+    local = url.removeprefix("http://").rsplit(":", 1)[0].strip("[]")
+    listening = f" (listening on {host})" if host != local else ""
+    target = f"{local}:{port}"
     lines = [
-        f"taskscope demo serving {url}  (POST /send-notification/{{email}}, "  # noqa: ISC003
+        f"taskscope demo serving {url}{listening}  (POST /send-notification/{{email}}, "  # noqa: ISC003
         + "/reports/{id}, /thumbnails/{id})",
         f"metrics: {url}/metrics  (Prometheus text format; OpenMetrics with exemplars)",
         "Prometheus + Grafana + Tempo with taskscope's dashboard and alerts, on their own "  # noqa: ISC003
