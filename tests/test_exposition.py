@@ -368,3 +368,27 @@ def test_render_restores_interpreter_settings() -> None:
             assert not gc.isenabled()
         finally:
             gc.enable()
+
+
+def test_served_alone_it_handles_lifespan_and_head() -> None:
+    """As the whole ASGI app it answers lifespan events; HEAD works on the server too."""
+    registry = CollectorRegistry()
+    Counter("alone", "x", registry=registry).inc()
+    with TestClient(MetricsApp(registry)) as client:  # runs lifespan startup/shutdown
+        assert "alone_total 1.0" in client.get("/").text
+    with start_metrics_server(port=0, registry=registry) as server:
+        head = httpx.head(server.url, timeout=5)
+    assert head.status_code == 200
+    assert int(head.headers["content-length"]) > 0
+    assert head.content == b""
+
+
+def test_standalone_server_on_ipv6_loopback() -> None:
+    """An IPv6 address binds an IPv6 socket."""
+    try:
+        server = start_metrics_server(port=0, addr="::1", registry=CollectorRegistry())
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    with server:
+        assert server.url.startswith("http://[::1]:")
+        assert httpx.get(server.url, timeout=5).status_code == 200

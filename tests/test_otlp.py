@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import socket
+import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Iterator
 from typing import Any, Literal
@@ -360,3 +362,82 @@ def test_spans_are_batched_never_exported_inline(registry: CollectorRegistry) ->
         assert isinstance(processors[0], BatchSpanProcessor)
     finally:
         handle.shutdown(timeout=1.0)
+
+
+def test_exporter_exceptions_are_absorbed_and_counted(registry: CollectorRegistry) -> None:
+    """An exporter that raises yields FAILURE (counted) instead of an exception."""
+    from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult
+    from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+    from taskscope._otlp.counting import (
+        CountingMetricExporter,
+        CountingSpanExporter,
+        counters_for,
+    )
+
+    class Raising(SpanExporter, MetricExporter):
+        def export(self, *args: Any, **kwargs: Any) -> Any:
+            raise ConnectionError("collector exploded")
+
+        def force_flush(self, timeout_millis: float = 0) -> bool:
+            return True
+
+        def shutdown(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+    counters = counters_for(registry)
+    spans = CountingSpanExporter(Raising(), counters)
+    metrics = CountingMetricExporter(Raising(), counters)
+    assert spans.export([]) is SpanExportResult.FAILURE
+    assert metrics.export(None) is MetricExportResult.FAILURE  # type: ignore[arg-type]
+    for signal in ("traces", "metrics"):
+        value = registry.get_sample_value(
+            "taskscope_otlp_export_failures_total", {"signal": signal}
+        )
+        assert value == 1
+
+
+def test_bounded_runner_reports_errors_and_deadlines() -> None:
+    """run_bounded() is False when a call raises or outlives the deadline, True otherwise."""
+    import threading
+
+    from taskscope._otlp.bounded import run_bounded
+
+    def boom() -> None:
+        raise RuntimeError("boom")
+
+    release = threading.Event()
+    try:
+        assert run_bounded({"fine": lambda: None}, 1.0) is True
+        assert run_bounded({"fine": lambda: None, "boom": boom}, 1.0) is False
+        started = time.perf_counter()
+        assert run_bounded({"stuck": lambda: release.wait(10)}, 0.2) is False
+        assert time.perf_counter() - started < 1.0
+    finally:
+        release.set()
+
+
+def test_set_global_installs_the_providers(receiver: OtlpReceiver) -> None:
+    """set_global=True makes them the global providers (checked in a fresh interpreter)."""
+    code = textwrap.dedent(
+        f"""
+        from opentelemetry import metrics, trace
+        from prometheus_client import CollectorRegistry
+        from taskscope.otlp import setup_otlp
+
+        handle = setup_otlp(
+            endpoint={receiver.endpoint!r}, registry=CollectorRegistry(), set_global=True
+        )
+        assert trace.get_tracer_provider() is handle.tracer_provider
+        assert metrics.get_meter_provider() is handle.meter_provider
+        trace.get_tracer("t").start_span("global").end()
+        assert handle.shutdown()
+        print("ok")
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+    assert [span.name for _, span in receiver.spans()] == ["global"]
