@@ -58,7 +58,11 @@ if os.environ.get("TS_OTLP_ENDPOINT"):
     from taskscope.otlp import setup_otlp
 
     _otlp = setup_otlp(
-        endpoint=os.environ["TS_OTLP_ENDPOINT"], registry=registry, service_name="reliability"
+        endpoint=os.environ["TS_OTLP_ENDPOINT"],
+        registry=registry,
+        service_name="reliability",
+        export_interval=float(os.environ.get("TS_OTLP_INTERVAL", "1")),
+        schedule_delay=0.5,
     )
     _options = {"tracer_provider": _otlp.tracer_provider, "meter_provider": _otlp.meter_provider}
 else:
@@ -227,6 +231,8 @@ def snapshot(*, final: bool = False) -> dict[str, Any]:
                 lag_hist["sum"] = sample.value
             elif sample.name == "taskscope_otlp_export_failures_total":
                 otlp_failures[sample.labels.get("signal", "")] = sample.value
+            elif sample.name == "taskscope_otlp_spans_dropped_total":
+                otlp_failures["spans_dropped"] = sample.value
             elif sample.name == "taskscope_task_warnings_total":
                 warnings[f"{sample.labels['task']}|{sample.labels['kind']}"] = sample.value
     values = list(lags)
@@ -267,11 +273,11 @@ async def stats(request: Request) -> Response:
 
 async def _heartbeat() -> None:
     interval = 0.01
-    loop = asyncio.get_running_loop()
+    clock = time.perf_counter  # uvloop's loop.time() has millisecond resolution
     while True:
-        due = loop.time() + interval
+        due = clock() + interval
         await asyncio.sleep(interval)
-        lags.append(max(0.0, loop.time() - due))
+        lags.append(max(0.0, clock() - due))
 
 
 @asynccontextmanager

@@ -167,7 +167,7 @@ async def _load(base: str, paths: Sequence[str], concurrency: int) -> LoadResult
                 except asyncio.QueueEmpty:
                     return
                 began = time.perf_counter()
-                for attempt in range(5):
+                for attempt in range(10):
                     try:
                         response = await client.get(path)
                         break
@@ -175,8 +175,9 @@ async def _load(base: str, paths: Sequence[str], concurrency: int) -> LoadResult
                         # A task that raised makes uvicorn close the keep-alive connection
                         # (Starlette re-raises it); a request already on its way is lost.
                         retries[0] += 1
-                        if attempt == 4:
+                        if attempt == 9:
                             raise
+                        await asyncio.sleep(0.01)
                 latencies.append(time.perf_counter() - began)
                 statuses[response.status_code] += 1
 
@@ -189,6 +190,31 @@ async def _load(base: str, paths: Sequence[str], concurrency: int) -> LoadResult
 def load(base: str, paths: Sequence[str], concurrency: int) -> LoadResult:
     """Send every path once with at most ``concurrency`` requests in flight."""
     return asyncio.run(_load(base, paths, concurrency))
+
+
+async def _paced(base: str, path: str, rate: float, count: int) -> LoadResult:
+    limits = httpx.Limits(max_connections=50, max_keepalive_connections=50)
+    statuses: Counter[int] = Counter()
+    latencies: list[float] = []
+    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=60) as client:
+        began = time.perf_counter()
+
+        async def one(index: int) -> None:
+            await asyncio.sleep(max(0.0, began + index / rate - time.perf_counter()))
+            start = time.perf_counter()
+            response = await client.get(path)
+            latencies.append(time.perf_counter() - start)
+            statuses[response.status_code] += 1
+
+        await asyncio.gather(*(one(index) for index in range(count)))
+        seconds = time.perf_counter() - began
+    return LoadResult(count, statuses, latencies, seconds)
+
+
+def paced(base: str, path: str, rate: float, count: int) -> LoadResult:
+    """Open-loop load: ``count`` requests at ``rate`` per second, whatever the latency
+    (measures the app below saturation, where a slowdown is not hidden by queueing)."""
+    return asyncio.run(_paced(base, path, rate, count))
 
 
 def wait_for(predicate: Any, timeout: float, interval: float = 0.05) -> Any:
