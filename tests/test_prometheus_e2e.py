@@ -102,6 +102,23 @@ def alert_rules() -> list[tuple[str, str]]:
     return [(rule["alert"], rule["expr"]) for group in groups for rule in group["rules"]]
 
 
+def alerts_with_for() -> set[str]:
+    groups = yaml.safe_load(ALERTS.read_text())["groups"]
+    return {rule["alert"] for group in groups for rule in group["rules"] if "for" in rule}
+
+
+def variable_queries() -> list[tuple[str, str, str]]:
+    """(variable, label, series selector) of every ``label_values(selector, label)``."""
+    found = []
+    for variable in json.loads(DASHBOARD.read_text())["templating"]["list"]:
+        if variable["type"] != "query":
+            continue
+        match = re.fullmatch(r"label_values\((.+), (\w+)\)", variable["query"]["query"])
+        assert match, variable["query"]
+        found.append((variable["name"], match.group(2), match.group(1)))
+    return found
+
+
 @dataclass
 class App:
     url: str
@@ -216,6 +233,44 @@ def test_alert_expression_evaluates(prometheus: PrometheusServer, alert: str, ex
         assert result == [], f"{alert} should be silent with this workload: {result}"
 
 
+@pytest.mark.parametrize(
+    ("label", "selector"),
+    [(label, selector) for _, label, selector in variable_queries()],
+    ids=[name for name, _, _ in variable_queries()],
+)
+def test_dashboard_variables_have_values(
+    prometheus: PrometheusServer, label: str, selector: str
+) -> None:
+    """The job, instance and task drop-downs list what Prometheus scraped."""
+    values = prometheus.get_or_error(
+        f"/api/v1/label/{label}/values", **{"match[]": substitute(selector)}
+    )
+    assert values, (label, selector)
+    if label == "task":
+        assert "tests.promapp.blocks_the_loop" in values
+
+
+def test_prometheus_alert_states(prometheus: PrometheusServer) -> None:
+    """Prometheus's own rule evaluation: the alerts with data fire at once, or are pending
+    when they have a ``for:``; the silent ones are inactive."""
+    expected = {alert: "pending" if alert in alerts_with_for() else "firing" for alert in FIRING}
+
+    def states() -> dict[str, str] | None:
+        found = {
+            a["labels"]["alertname"]: a["state"] for a in prometheus.get("/api/v1/alerts")["alerts"]
+        }
+        return found if all(found.get(k) == v for k, v in expected.items()) else None
+
+    try:
+        found = wait_for(states, timeout=10, what="alert states")
+    except TimeoutError:
+        found = {
+            a["labels"]["alertname"]: a["state"] for a in prometheus.get("/api/v1/alerts")["alerts"]
+        }
+        raise AssertionError(f"expected {expected}, Prometheus has {found}") from None
+    assert not SILENT & set(found), found
+
+
 def test_alerts_cover_every_rule() -> None:
     """FIRING and SILENT name only real alerts (the lag alert is the one left open)."""
     names = {alert for alert, _ in alert_rules()}
@@ -260,3 +315,12 @@ def test_duration_exemplars_carry_trace_ids(promapp: App, prometheus: Prometheus
     ]
     assert trace_ids, f"no exemplars stored: {found}"
     assert all(re.fullmatch(r"[0-9a-f]{32}", trace_id) for trace_id in trace_ids), trace_ids
+
+
+def test_loop_block_exemplars_carry_trace_ids(prometheus: PrometheusServer) -> None:
+    """The loop-block histogram links each block to the trace of the task that caused it."""
+    found = prometheus.exemplars("taskscope_task_loop_block_seconds_bucket")
+    exemplars = [e for series in found for e in series["exemplars"]]
+    assert exemplars, found
+    assert all(re.fullmatch(r"[0-9a-f]{32}", e["labels"]["trace_id"]) for e in exemplars)
+    assert all(float(e["value"]) >= 0.1 for e in exemplars), exemplars
