@@ -121,8 +121,15 @@ def _read_lines(stream: object, into: queue.Queue[str]) -> None:
         into.put(line)
 
 
-def test_no_load_serves_metrics_and_stops_on_ctrl_c(tmp_path: Path) -> None:
-    """``--no-load``: the app serves requests and /metrics; Ctrl-C prints the summary, exit 0."""
+@pytest.mark.parametrize(
+    ("stop", "how"),
+    [(signal.SIGINT, "stopped by Ctrl-C"), (signal.SIGTERM, "stopped by SIGTERM")],
+)
+def test_no_load_serves_metrics_and_stops_on_a_signal(
+    tmp_path: Path, stop: signal.Signals, how: str
+) -> None:
+    """``--no-load``: the app serves requests and /metrics; Ctrl-C or SIGTERM prints the
+    summary and exits 0."""
     process = subprocess.Popen(
         [sys.executable, "-m", "taskscope", "demo", "--no-load", "--duration", "0", "--port", "0"],
         stdout=subprocess.PIPE,
@@ -155,7 +162,7 @@ def test_no_load_serves_metrics_and_stops_on_ctrl_c(tmp_path: Path) -> None:
             metrics = client.get("/metrics")
         assert metrics.status_code == 200
         assert 'task="taskscope.demo.app.write_log"' in metrics.text
-        process.send_signal(signal.SIGINT)
+        process.send_signal(stop)
         process.wait(timeout=15)
     finally:
         if process.poll() is None:
@@ -167,7 +174,7 @@ def test_no_load_serves_metrics_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     while not lines.empty():
         output += lines.get()
     assert process.returncode == 0, output
-    summary = section(output, "taskscope demo: final summary (stopped by Ctrl-C")
+    summary = section(output, f"taskscope demo: final summary ({how}")
     assert "load: off (--no-load)" in summary
     assert "Traceback" not in output
     row = next(line for line in summary.splitlines() if "  write_log " in line)
