@@ -145,6 +145,36 @@ scrape_configs:
 """
 
 
+def _start(
+    binary: str, config: Path, data: Path, log_path: Path
+) -> tuple[subprocess.Popen[bytes], int]:
+    """Start Prometheus on a free port; try another port if that one was taken meanwhile."""
+    for _ in range(3):
+        port = free_port()
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                [
+                    binary,
+                    f"--config.file={config}",
+                    f"--storage.tsdb.path={data}",
+                    f"--web.listen-address=127.0.0.1:{port}",
+                    "--enable-feature=exemplar-storage",
+                    "--storage.tsdb.retention.time=1h",
+                    "--log.level=warn",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        try:
+            process.wait(timeout=0.5)  # binding fails within milliseconds
+        except subprocess.TimeoutExpired:
+            return process, port
+        if "address already in use" not in log_path.read_text():
+            break
+    raise RuntimeError(f"prometheus did not start: {log_path.read_text()[-2000:]}")
+
+
 @contextmanager
 def running_prometheus(
     workdir: Path,
@@ -159,22 +189,7 @@ def running_prometheus(
     config.write_text(_config(targets, rule_files))
     (workdir / "data").mkdir()
     log_path = workdir / "prometheus.log"
-    port = free_port()
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [
-                binary,
-                f"--config.file={config}",
-                f"--storage.tsdb.path={workdir / 'data'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-                "--enable-feature=exemplar-storage",
-                "--storage.tsdb.retention.time=1h",
-                "--log.level=warn",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
+    process, port = _start(binary, config, workdir / "data", log_path)
     server = PrometheusServer(f"http://127.0.0.1:{port}", log_path)
     try:
 

@@ -31,6 +31,7 @@ from tests.prometheus_server import (
     PrometheusServer,
     finite_values,
     free_port,
+    prometheus_binary,
     running_prometheus,
     wait_for,
 )
@@ -141,6 +142,7 @@ def drive_round(app: App) -> None:
 @pytest.fixture(scope="session")
 def promapp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
     """The e2e app under uvicorn in a subprocess, on a socket bound here (no port race)."""
+    prometheus_binary()  # skip (or fail on CI) before starting anything
     log = tmp_path_factory.mktemp("promapp") / "app.log"
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens: every OTLP export fails
     with socket.socket() as sock:
