@@ -127,6 +127,11 @@ def findings(window: Window, events: EventLog, threads: int) -> list[str]:
                 f"SKIPPED  {name}: {skipped:.0f} times, because an earlier task of the "
                 "same response failed"
             )
+        for outcome in ("cancelled", "abandoned"):
+            if count := task.outcomes.get(outcome, 0):
+                lines.append(
+                    f"{outcome.upper():<8} {name}: {count:.0f} (still running at shutdown)"
+                )
         if task.thread_wait.count and (p95 := task.thread_wait.quantile(0.95) or 0) >= 0.01:
             lines.append(
                 f"THREADS  {name}: waited for a worker thread (p95 {seconds(p95)}; "
@@ -269,6 +274,5 @@ def rich_view(frame: Frame) -> Any:
     ]
     if frame.otlp:
         parts.append(Text(frame.otlp, style="dim"))
-    if frame.footer:
-        parts.append(Text(frame.footer, style="dim"))
+    parts.append(Text(f"metrics: {frame.metrics_url} · {frame.footer}", style="dim"))
     return Group(*parts)
