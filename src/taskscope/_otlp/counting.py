@@ -145,7 +145,7 @@ class CountingBatchSpanProcessor(BatchSpanProcessor):
 
     The SDK reports a drop only to its own internal processor metrics (off by default)
     and a log line. This hooks that internal object (``_batch_processor._metrics``,
-    SDK >= 1.34): exact counts, no extra work per span. On an SDK without it,
+    checked on SDK 1.45): exact counts, no extra work per span. On an SDK without it,
     :attr:`counts_drops` is false and drops are not counted (only logged by the SDK).
     """
 
