@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+from collections import Counter
 from pathlib import Path
 
 import httpx
@@ -52,6 +53,7 @@ def test_healthy_baseline_every_task_accounted(tmp_path: Path, continue_on_error
     else:
         assert after["outcomes"]["skipped"] > 0
     assert after["taskscope_lag"]["count"] > 0  # taskscope's own lag histogram is fed
+    census = _thread_census(after["threads"])
     report(
         f"baseline/{'continue' if continue_on_error else 'stop'}",
         outcomes=after["outcomes"],
@@ -64,7 +66,10 @@ def test_healthy_baseline_every_task_accounted(tmp_path: Path, continue_on_error
         },
         lag_ms=lag_ms(after),
         rss_mb={"before": mb(before["rss"]), "after": mb(after["rss"])},
-        threads=len(after["threads"]),
+        threads=dict(census),
+        thread_wait_mean_ms=round(
+            after["thread_wait"]["sum"] / after["thread_wait"]["count"] * 1e3, 2
+        ),
     )
 
 
@@ -175,8 +180,10 @@ def test_hard_exit_leaves_lost_tasks_visible_as_in_progress(tmp_path: Path) -> N
     )
 
 
-def test_client_disconnects_tasks_still_accounted(tmp_path: Path) -> None:
-    """Clients that hang up after the headers or mid-stream: every task still ends."""
+@pytest.mark.parametrize("layers", [0, 3], ids=["plain", "basehttp-x3"])
+def test_client_disconnects_tasks_still_accounted(tmp_path: Path, layers: int) -> None:
+    """Clients that hang up after the headers or mid-stream (with and without three stacked
+    ``BaseHTTPMiddleware``): every task still ends in exactly one outcome."""
 
     async def hang_up(base: str, count: int) -> None:
         async with httpx.AsyncClient(base_url=base, timeout=10) as client:
@@ -188,13 +195,48 @@ def test_client_disconnects_tasks_still_accounted(tmp_path: Path) -> None:
                         async for _chunk in response.aiter_bytes():
                             break  # one chunk, then close mid-stream
 
-    with running(tmp_path) as server:
+    with running(tmp_path, env={"TS_BASEHTTP": str(layers)}) as server:
         asyncio.run(hang_up(server.base, 40))
         after = settled(server)
     assert sum(after["outcomes"].values()) == after["added"]
     # Starlette stops a streaming response whose client left: its task does not run.
     # Whatever the server does, each added task has exactly one outcome.
-    report("disconnects/after-headers+mid-stream", added=after["added"], outcomes=after["outcomes"])
+    report(
+        f"disconnects/after-headers+mid-stream/{'basehttp-x3' if layers else 'plain'}",
+        added=after["added"],
+        outcomes=after["outcomes"],
+    )
+
+
+def _thread_census(threads: list[str]) -> Counter[str]:
+    census = Counter(threads)
+    assert set(census) <= {"MainThread", "AnyIO worker thread", "taskscope-loop-watchdog"}
+    assert census["AnyIO worker thread"] <= 40  # anyio's default limiter
+    assert census["taskscope-loop-watchdog"] <= 1  # one loop, one watchdog
+    return census
+
+
+def test_threadpool_saturation_reports_wait_takes_no_threads(tmp_path: Path) -> None:
+    """80 sync tasks of 0.3 s at once on 40 worker threads: half wait for a thread, the wait
+    is in ``taskscope_task_thread_wait_seconds``; taskscope adds only its one watchdog."""
+    with running(tmp_path) as server:
+        began = time.monotonic()
+        load(server.base, ["/hold?kind=sync&secs=0.3&queued=0"] * 80, 80)
+        after = settled(server)
+        seconds = time.monotonic() - began
+    census = _thread_census(after["threads"])
+    assert after["outcomes"] == {"success": 80}
+    wait = after["thread_wait"]
+    assert wait["count"] == 80
+    assert wait["sum"] >= 40 * 0.2  # the 40 that queued waited about one task's length
+    report(
+        "threadpool-saturation",
+        outcomes=after["outcomes"],
+        thread_wait_sum_s=round(wait["sum"], 2),
+        thread_wait_mean_ms=round(wait["sum"] / wait["count"] * 1e3, 1),
+        threads=dict(census),
+        seconds=round(seconds, 2),
+    )
 
 
 def test_hostile_task_names_stay_bounded_and_metrics_fast(tmp_path: Path) -> None:

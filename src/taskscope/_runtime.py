@@ -67,6 +67,7 @@ class Runtime:
         self._sinks: list[tuple[str, Any]] = []
         self._tracer: Tracer | None = None
         self.inflight: dict[int, tuple[str, float]] = {}
+        self.exited = False
         self._inflight_lock = threading.Lock()
         self._setup_sinks()
         _exit_watch.add(self)
@@ -142,6 +143,8 @@ class Runtime:
                     self._count_error(signal)
 
     def record(self, record: TaskRecord) -> None:
+        if self.exited:  # already recorded as abandoned at exit: one outcome per task
+            return
         for signal, sink in self._sinks:
             try:
                 sink.record(record)
@@ -203,12 +206,20 @@ class Runtime:
         with self._inflight_lock:
             pending = list(self.inflight.values())
             self.inflight.clear()
+            self.exited = True  # tasks that end from now on were counted here
         now = self.telemetry.clock()
         names: Counter[str] = Counter()
         for name, start in pending:
             names[name] += 1
             duration = max(0.0, now - start) if start else 0.0
-            self.record(TaskRecord(name, "abandoned", False, duration, None))
+            record = TaskRecord(name, "abandoned", False, duration, None)
+            for signal, sink in self._sinks:
+                if signal == "logging":
+                    continue  # one summary line below, not one line per task
+                try:
+                    sink.record(record)
+                except Exception:
+                    self._count_error(signal)
         if names:
             try:
                 self.logs.abandoned_summary(dict(names))

@@ -8,6 +8,7 @@ Configured through environment variables (read when uvicorn imports this module)
 - ``TS_OTLP_ENDPOINT=http://127.0.0.1:PORT``: export spans and metrics through
   ``taskscope.otlp.setup_otlp`` (short timeouts); otherwise no OTel SDK at all.
 - ``TS_METRICS=1``: mount ``/metrics``.
+- ``TS_BASEHTTP=N``: stack N pass-through ``BaseHTTPMiddleware`` layers.
 
 Endpoints: ``/work`` (a planned mix of async/sync, some failing), ``/hold`` (long tasks with
 tasks queued behind them), ``/stream`` (streaming response with a background task),
@@ -45,6 +46,8 @@ atexit.register(_write_final, "atexit")
 
 from prometheus_client import CollectorRegistry, generate_latest  # noqa: E402
 from starlette.applications import Starlette  # noqa: E402
+from starlette.middleware import Middleware  # noqa: E402
+from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint  # noqa: E402
 from starlette.requests import Request  # noqa: E402
 from starlette.responses import JSONResponse, Response, StreamingResponse  # noqa: E402
 from starlette.routing import Route  # noqa: E402
@@ -218,6 +221,7 @@ def snapshot(*, final: bool = False) -> dict[str, Any]:
     lag_hist = {"count": 0.0, "sum": 0.0}
     otlp_failures: dict[str, float] = {}
     warnings: dict[str, float] = {}
+    thread_wait = {"count": 0.0, "sum": 0.0}
     for metric in registry.collect():
         series += len(metric.samples)
         for sample in metric.samples:
@@ -233,6 +237,10 @@ def snapshot(*, final: bool = False) -> dict[str, Any]:
                 otlp_failures[sample.labels.get("signal", "")] = sample.value
             elif sample.name == "taskscope_otlp_spans_dropped_total":
                 otlp_failures["spans_dropped"] = sample.value
+            elif sample.name == "taskscope_task_thread_wait_seconds_count":
+                thread_wait["count"] += sample.value
+            elif sample.name == "taskscope_task_thread_wait_seconds_sum":
+                thread_wait["sum"] += sample.value
             elif sample.name == "taskscope_task_warnings_total":
                 warnings[f"{sample.labels['task']}|{sample.labels['kind']}"] = sample.value
     values = list(lags)
@@ -253,6 +261,7 @@ def snapshot(*, final: bool = False) -> dict[str, Any]:
         "taskscope_lag": lag_hist,
         "otlp_failures": otlp_failures,
         "warnings": warnings,
+        "thread_wait": thread_wait,
         "rss": _rss(),
         "threads": sorted(t.name for t in threading.enumerate()),
         "fds": len(os.listdir("/proc/self/fd")),
@@ -313,4 +322,11 @@ if os.environ.get("TS_METRICS") == "1":
 
         routes.append(Route("/metrics", make_asgi_app(registry)))
 
-app = Starlette(routes=routes, lifespan=lifespan)
+
+class _Passthrough(BaseHTTPMiddleware):
+    async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
+        return await call_next(request)
+
+
+middleware = [Middleware(_Passthrough) for _ in range(int(os.environ.get("TS_BASEHTTP", "0")))]
+app = Starlette(routes=routes, lifespan=lifespan, middleware=middleware)
