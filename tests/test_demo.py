@@ -14,10 +14,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client import CollectorRegistry
 
 from taskscope.__main__ import main
+from taskscope._record import TaskRecord
+from taskscope._signals.prometheus import metrics_for
 from taskscope.demo import app as demo_app
-from taskscope.demo.stats import Histo
+from taskscope.demo.stats import EventLog, Histo, take_snapshot, window
 from tests.otlp_receiver import OtlpReceiver, attributes
 
 pytestmark = pytest.mark.slow
@@ -239,3 +242,36 @@ def test_quantiles_follow_prometheus_interpolation() -> None:
     assert histo.quantile(1.0) == pytest.approx(0.2)
     assert histo.highest() == 0.2
     assert Histo().quantile(0.5) is None
+
+
+def test_event_log_counts_each_finished_block_once() -> None:
+    """A block reported while ongoing counts once, when it ends; an unreported one counts too."""
+    log = EventLog()
+    log.warning("task.loop_blocked", task="t", duration_s=0.12, ongoing=True, location="a.py:1")
+    log.info("task.loop_unblocked", task="t", duration_s=0.3, location="a.py:1")
+    log.warning("task.loop_blocked", task="t", duration_s=0.1, ongoing=False, location="a.py:1")
+    log.error("task.failed", task="u", error_type="ValueError")
+    [(task, location, count, mean)] = log.block_sites()
+    assert (task, location, count) == ("t", "a.py:1", 2)
+    assert mean == pytest.approx(0.2)
+    assert [b.duration for b in log.latest_blocks(5)] == [0.1, 0.3]
+    assert log.counts["task.failed"] == 1
+
+
+def test_window_reads_outcomes_failures_and_quantiles_from_the_registry() -> None:
+    """Per-task numbers between two snapshots come from taskscope's own metric families."""
+    registry = CollectorRegistry()
+    metrics = metrics_for(registry)
+    metrics.record(TaskRecord("app.old", "success", False, 0.2, 0.0))
+    before = take_snapshot(registry, now=10.0)
+    for _ in range(3):
+        metrics.record(TaskRecord("app.send", "failure", False, 0.02, 0.001, error_type="OSError"))
+    metrics.record(TaskRecord("app.log", "skipped", True, 0.0, None))
+    metrics.record(TaskRecord("app.log", "success", True, 0.3, 0.01, thread_wait=0.2))
+    after = take_snapshot(registry, now=12.0)
+    tasks = {task.name: task for task in window(after, before).tasks}
+    assert tasks["app.send"].failures == {"OSError": 3}
+    assert tasks["app.send"].rate == pytest.approx(1.5)
+    assert tasks["app.log"].outcomes == {"skipped": 1, "success": 1}
+    assert 0.1 < (tasks["app.log"].thread_wait.quantile(0.95) or 0) <= 0.25
+    assert tasks["app.old"].finished == 0  # before the window
