@@ -192,7 +192,8 @@ def load(base: str, paths: Sequence[str], concurrency: int) -> LoadResult:
     return asyncio.run(_load(base, paths, concurrency))
 
 
-async def _paced(base: str, path: str, rate: float, count: int) -> LoadResult:
+async def _paced(base: str, path: str | Sequence[str], rate: float, count: int) -> LoadResult:
+    paths = [path] if isinstance(path, str) else list(path)
     limits = httpx.Limits(max_connections=50, max_keepalive_connections=50)
     statuses: Counter[int] = Counter()
     latencies: list[float] = []
@@ -202,7 +203,14 @@ async def _paced(base: str, path: str, rate: float, count: int) -> LoadResult:
         async def one(index: int) -> None:
             await asyncio.sleep(max(0.0, began + index / rate - time.perf_counter()))
             start = time.perf_counter()
-            response = await client.get(path)
+            for attempt in range(10):
+                try:
+                    response = await client.get(paths[index % len(paths)])
+                    break
+                except httpx.TransportError:  # see _load: a failed task closes the connection
+                    if attempt == 9:
+                        raise
+                    await asyncio.sleep(0.01)
             latencies.append(time.perf_counter() - start)
             statuses[response.status_code] += 1
 
@@ -211,7 +219,7 @@ async def _paced(base: str, path: str, rate: float, count: int) -> LoadResult:
     return LoadResult(count, statuses, latencies, seconds)
 
 
-def paced(base: str, path: str, rate: float, count: int) -> LoadResult:
+def paced(base: str, path: str | Sequence[str], rate: float, count: int) -> LoadResult:
     """Open-loop load: ``count`` requests at ``rate`` per second, whatever the latency
     (measures the app below saturation, where a slowdown is not hidden by queueing)."""
     return asyncio.run(_paced(base, path, rate, count))
