@@ -34,10 +34,20 @@ PER_REQUEST = 8  # every 10th task fails: failures land at every position, so so
 CONCURRENCY = 200
 
 
-@pytest.mark.parametrize("continue_on_error", [False, True], ids=["stop", "continue"])
-def test_healthy_baseline_every_task_accounted(tmp_path: Path, continue_on_error: bool) -> None:
-    """10,000 mixed tasks over 200 concurrent requests, 10% failing: counts exact."""
-    env = {"TS_CONTINUE_ON_ERROR": "1" if continue_on_error else "0"}
+@pytest.mark.parametrize(
+    ("continue_on_error", "fastapi"),
+    [(False, False), (True, False), (False, True)],
+    ids=["stop", "continue", "fastapi-stop"],
+)
+def test_healthy_baseline_every_task_accounted(
+    tmp_path: Path, continue_on_error: bool, fastapi: bool
+) -> None:
+    """10,000 mixed tasks over 200 concurrent requests, 10% failing: counts exact (Starlette
+    with explicit telemetry, and FastAPI's own BackgroundTasks with instrument_app)."""
+    env = {
+        "TS_CONTINUE_ON_ERROR": "1" if continue_on_error else "0",
+        "TS_FASTAPI": "1" if fastapi else "0",
+    }
     with running(tmp_path, env=env) as server:
         before = server.stats(reset=True)
         result = load(server.base, [f"/work?n={PER_REQUEST}"] * (TASKS // PER_REQUEST), CONCURRENCY)
@@ -55,7 +65,7 @@ def test_healthy_baseline_every_task_accounted(tmp_path: Path, continue_on_error
     assert after["taskscope_lag"]["count"] > 0  # taskscope's own lag histogram is fed
     census = _thread_census(after["threads"])
     report(
-        f"baseline/{'continue' if continue_on_error else 'stop'}",
+        f"baseline/{'fastapi-' if fastapi else ''}{'continue' if continue_on_error else 'stop'}",
         outcomes=after["outcomes"],
         requests=result.requests,
         retries=result.retries,

@@ -9,6 +9,8 @@ Configured through environment variables (read when uvicorn imports this module)
   ``taskscope.otlp.setup_otlp`` (short timeouts); otherwise no OTel SDK at all.
 - ``TS_METRICS=1``: mount ``/metrics``.
 - ``TS_BASEHTTP=N``: stack N pass-through ``BaseHTTPMiddleware`` layers.
+- ``TS_FASTAPI=1``: a FastAPI app; ``/work`` takes a ``BackgroundTasks`` parameter (the
+  object FastAPI builds) and the settings come from ``instrument_app``.
 
 Endpoints: ``/work`` (a planned mix of async/sync, some failing), ``/hold`` (long tasks with
 tasks queued behind them), ``/stream`` (streaming response with a background task),
@@ -335,4 +337,22 @@ class _Passthrough(BaseHTTPMiddleware):
 
 
 middleware = [Middleware(_Passthrough) for _ in range(int(os.environ.get("TS_BASEHTTP", "0")))]
-app = Starlette(routes=routes, lifespan=lifespan, middleware=middleware)
+app: Any
+if os.environ.get("TS_FASTAPI") == "1":
+    # FastAPI builds the BackgroundTasks object itself; instrument_app scopes the settings.
+    from fastapi import FastAPI
+
+    from taskscope import instrument_app
+
+    fast = FastAPI(routes=routes[1:], lifespan=lifespan, middleware=middleware)
+
+    @fast.get("/work")
+    async def fastapi_work(tasks: BackgroundTasks, n: int = 10, fail_every: int = 10) -> str:
+        for i, (sync, fail) in enumerate(_plan(n, fail_every)):
+            tasks.add_task(work_sync if sync else work_async, i, fail)
+        return "ok"
+
+    instrument_app(fast, telemetry)
+    app = fast
+else:
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=middleware)
