@@ -12,6 +12,7 @@ import signal
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -97,6 +98,11 @@ def _hold(server: Server, per_kind: int = 3, secs: float = 2.0, queued: int = 2)
     return len(paths) * (1 + queued)
 
 
+def _exit_figures(final: dict[str, Any]) -> dict[str, Any]:
+    """Loop lag over the server's life and RSS at the end, from its final snapshot."""
+    return {"lag_ms": lag_ms(final), "rss_mb_at_end": mb(final["rss"])}
+
+
 def test_sigterm_default_waits_for_every_task(tmp_path: Path) -> None:
     """SIGTERM without a graceful timeout: uvicorn waits; every task succeeds."""
     with running(tmp_path) as server:
@@ -110,6 +116,7 @@ def test_sigterm_default_waits_for_every_task(tmp_path: Path) -> None:
     report(
         "shutdown/sigterm-default",
         outcomes=final["outcomes"],
+        **_exit_figures(final),
         shutdown_s=round(seconds, 2),
         returncode=server.process.returncode,
         atexit_ran=server.final_state("atexit") is not None,
@@ -129,6 +136,7 @@ def test_sigterm_graceful_timeout_cancels_and_abandons(tmp_path: Path) -> None:
     report(
         "shutdown/sigterm-timeout-1",
         outcomes=final["outcomes"],
+        **_exit_figures(final),
         shutdown_s=round(seconds, 2),
         returncode=server.process.returncode,
     )
@@ -151,6 +159,7 @@ def test_sigint_twice_force_exit_accounted_at_exit(tmp_path: Path) -> None:
     report(
         "shutdown/sigint-force-exit",
         outcomes=final["outcomes"],
+        **_exit_figures(final),
         shutdown_s=round(seconds, 2),
         returncode=server.process.returncode,
         note="exit waits for running sync tasks: anyio worker threads are not daemons",
@@ -206,6 +215,7 @@ def test_client_disconnects_tasks_still_accounted(tmp_path: Path, layers: int) -
                             break  # one chunk, then close mid-stream
 
     with running(tmp_path, env={"TS_BASEHTTP": str(layers)}) as server:
+        before = server.stats(reset=True)
         asyncio.run(hang_up(server.base, 40))
         after = settled(server)
     assert sum(after["outcomes"].values()) == after["added"]
@@ -215,6 +225,8 @@ def test_client_disconnects_tasks_still_accounted(tmp_path: Path, layers: int) -
         f"disconnects/after-headers+mid-stream/{'basehttp-x3' if layers else 'plain'}",
         added=after["added"],
         outcomes=after["outcomes"],
+        lag_ms=lag_ms(after),
+        rss_mb={"before": mb(before["rss"]), "after": mb(after["rss"])},
     )
 
 
@@ -230,6 +242,7 @@ def test_threadpool_saturation_reports_wait_takes_no_threads(tmp_path: Path) -> 
     """80 sync tasks of 0.3 s at once on 40 worker threads: half wait for a thread, the wait
     is in ``taskscope_task_thread_wait_seconds``; taskscope adds only its one watchdog."""
     with running(tmp_path) as server:
+        before = server.stats(reset=True)
         began = time.monotonic()
         load(server.base, ["/hold?kind=sync&secs=0.3&queued=0"] * 80, 80)
         after = settled(server)
@@ -242,6 +255,8 @@ def test_threadpool_saturation_reports_wait_takes_no_threads(tmp_path: Path) -> 
     report(
         "threadpool-saturation",
         outcomes=after["outcomes"],
+        lag_ms=lag_ms(after),
+        rss_mb={"before": mb(before["rss"]), "after": mb(after["rss"])},
         thread_wait_sum_s=round(wait["sum"], 2),
         thread_wait_mean_ms=round(wait["sum"] / wait["count"] * 1e3, 1),
         threads=dict(census),

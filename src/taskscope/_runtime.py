@@ -10,6 +10,10 @@ import weakref
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
+# Imported with taskscope, not at the first task: structlog's import (which pulls in rich when
+# installed) takes ~50 ms, and the first task is created on the event loop.
+import structlog
+
 from taskscope._config import Telemetry
 from taskscope._naming import NameLimiter
 from taskscope._version import __version__
@@ -96,8 +100,6 @@ class Runtime:
             except Exception:
                 self.absorbed_errors += 1
                 self._count_error("otel_metrics")
-        import structlog
-
         from taskscope._signals.logs import LogEvents
 
         logger = t.logger if t.logger is not None else structlog.get_logger("taskscope")
