@@ -83,8 +83,10 @@ def running(
     args: Sequence[str] = (),
     name: str = "app",
     ready_timeout: float = 20.0,
+    gunicorn: bool = False,
 ) -> Iterator[Server]:
-    """Start ``uvicorn tests.reliability.app:app`` and yield once it answers."""
+    """Start ``uvicorn tests.reliability.app:app`` (or gunicorn with ``args`` before the
+    app, e.g. ``-w 2 -k uvicorn_worker.UvicornWorker``) and yield once it answers."""
     port = free_port()
     log = tmp_path / f"{name}.log"
     final = tmp_path / f"{name}.final"
@@ -109,6 +111,20 @@ def running(
         "warning",
         *args,
     ]
+    if gunicorn:
+        command = [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "-b",
+            f"127.0.0.1:{port}",
+            "--log-level",
+            "warning",
+            "--control-socket",
+            str(tmp_path / "gunicorn.ctl"),
+            *args,
+            APP,
+        ]
     with log.open("wb") as out:
         process = subprocess.Popen(
             command, cwd=ROOT, env=environment, stdout=out, stderr=subprocess.STDOUT
