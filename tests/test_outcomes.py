@@ -183,6 +183,34 @@ async def test_wait_and_duration_use_the_injected_clock() -> None:
     assert observed.value("taskscope_task_wait_seconds_sum", task=prefix + "second") == 2.0
 
 
+async def test_sync_duration_excludes_the_thread_wait() -> None:
+    """Sync tasks: duration is the run in the worker thread; the wait for it is separate."""
+    now = [10.0]
+    observed = make_observed(clock=lambda: now[0], loop_probe=False)
+    limiter = anyio.to_thread.current_default_thread_limiter()
+
+    def work() -> None:
+        now[0] += 0.25
+
+    tasks = BackgroundTasks(telemetry=observed.telemetry)
+    tasks.add_task(work)
+    async with limiter:  # hold one token; advance the clock while the task waits
+        original = limiter.total_tokens
+        limiter.total_tokens = 1
+        try:
+            async with anyio.create_task_group() as group:
+                group.start_soon(tasks)
+                await anyio.wait_all_tasks_blocked()
+                now[0] += 1.0
+                limiter.total_tokens = 2
+        finally:
+            limiter.total_tokens = original
+    name = "tests.test_outcomes.test_sync_duration_excludes_the_thread_wait.<locals>.work"
+    duration = observed.value("taskscope_task_duration_seconds_sum", task=name, outcome="success")
+    assert duration == 0.25
+    assert observed.value("taskscope_task_thread_wait_seconds_sum", task=name) == 1.0
+
+
 async def test_thread_wait_recorded_for_sync_tasks(observed: Observed) -> None:
     """Sync tasks record the time they waited for a worker thread."""
     tasks = BackgroundTasks(telemetry=observed.telemetry)

@@ -176,6 +176,9 @@ async def run_one(task: BackgroundTask, cap: Capture, sent_at: float) -> None:
         raise
     finally:
         end = clock()
+        # Sync tasks: run time counts from the worker thread's start (the wait for a free
+        # thread is recorded separately); never started in a thread: it did not run.
+        ran_from = thread_started[0] if thread_started else (end if sync else start)
         runtime.untrack(id(task))
         runtime.task_finished(cap.name)
         error_type = error_message = None
@@ -189,7 +192,7 @@ async def run_one(task: BackgroundTask, cap: Capture, sent_at: float) -> None:
                 cap.name,
                 outcome,
                 sync,
-                end - start,
+                end - ran_from,
                 start - sent_at,
                 thread_wait=(thread_started[0] - start) if thread_started else None,
                 error_type=error_type,
