@@ -442,3 +442,84 @@ def test_tasks_of_a_response_never_sent_end_in_an_outcome(observed: Observed) ->
         assert client.get("/").status_code == 400
     gc.collect()
     assert sum(_by_outcome(observed).values()) == 1
+
+
+class _RaisingLogger:
+    """A logger whose every call fails (a broken handler, a full disk)."""
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        def fail(*args: Any, **kwargs: Any) -> None:
+            raise OSError("log sink broken")
+
+        return fail
+
+
+class _RaisingProcessor:
+    """A span processor that fails at every hook."""
+
+    def on_start(self, span: Any, parent_context: Any = None) -> None:
+        raise RuntimeError("processor broken")
+
+    def on_end(self, span: Any) -> None:
+        raise RuntimeError("processor broken")
+
+    def shutdown(self) -> None:
+        pass
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return True
+
+
+def test_broken_instrumentation_never_breaks_tasks() -> None:
+    """A logger that raises, a span processor that raises and a registry where taskscope's
+    names are taken: every task still runs with Starlette's semantics, nothing reaches the
+    app, the failures are counted where a sink still works."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from prometheus_client import Counter
+
+    counted = CollectorRegistry()
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(_RaisingProcessor())  # type: ignore[arg-type]
+    broken_logs = Telemetry(
+        registry=counted, logger=_RaisingLogger(), tracer_provider=tracer_provider
+    )
+    taken = CollectorRegistry()
+    Counter("taskscope_tasks", "someone else's", ["x"], registry=taken)
+    taken_names = Telemetry(registry=taken, tracer_provider=tracer_provider)
+    ran: list[str] = []
+
+    async def fine() -> None:
+        ran.append("fine")
+
+    def fails() -> None:
+        ran.append("fails")
+        raise Boom("task failure")
+
+    for telemetry in (broken_logs, taken_names):
+
+        async def endpoint(request: Request, telemetry: Telemetry = telemetry) -> Response:
+            tasks = BackgroundTasks(telemetry=telemetry)
+            tasks.add_task(fine)
+            tasks.add_task(fails)
+            tasks.add_task(fine)
+            return Response("ok", background=tasks)
+
+        with TestClient(_app(endpoint)) as client, pytest.raises(Boom):
+            client.get("/")  # Starlette re-raises the task's own exception, nothing else
+    assert ran == ["fine", "fails"] * 2
+    outcomes = {
+        outcome: counted.get_sample_value(
+            "taskscope_tasks_total", {"task": _name(task), "outcome": outcome}
+        )
+        for task, outcome in ((fine, "success"), (fails, "failure"), (fine, "skipped"))
+    }
+    assert outcomes == {"success": 1.0, "failure": 1.0, "skipped": 1.0}
+    errors = {
+        signal: counted.get_sample_value(
+            "taskscope_instrumentation_errors_total", {"signal": signal}
+        )
+        for signal in ("logging", "tracing")
+    }
+    assert (errors["logging"] or 0) >= 2  # task.failed and task.skipped could not be logged
+    report("broken-instrumentation", outcomes=outcomes, instrumentation_errors=errors)
+    tracer_provider.shutdown()
