@@ -9,6 +9,8 @@ ts-full            taskscope, spans (SDK provider, BatchSpanProcessor, dropping 
                    + Prometheus metrics + loop probe
 hand               a hand-written decorator on the task functions: OTel span + Prometheus
                    histogram + failure counter (what teams write instead)
+(diagnostic, on request: ts-bare = taskscope with every signal off; otel-span = one SDK
+span per task with taskscope's attributes, nothing else: async tasks only)
 fastapi-native     FastAPI's own ``background_task`` spans (``FastAPI(telemetry=...)``)
 
 Every variant gets its own ``CollectorRegistry`` and tracer provider. OTel metrics of
@@ -84,6 +86,30 @@ def hand_wrapper(registry: CollectorRegistry, provider: TracerProvider) -> Calla
     return observe
 
 
+def span_only(provider: TracerProvider) -> Callable[[F], F]:
+    """One SDK span per task with taskscope's attributes: the floor of any traced variant."""
+    tracer = provider.get_tracer("floor")
+
+    def observe(func: F) -> F:
+        name = f"{func.__module__}.{func.__qualname__}"
+        if not inspect.iscoroutinefunction(func):
+            return func  # async tasks only (sync figures of this variant are plain's)
+
+        @functools.wraps(func)
+        async def run_async(*args: Any, **kwargs: Any) -> Any:
+            attributes = {
+                "code.function.name": name,
+                "taskscope.task.sync": False,
+                "taskscope.task.wait_s": 0.0,
+            }
+            with tracer.start_as_current_span(f"background_task {name}", attributes=attributes):
+                return await func(*args, **kwargs)
+
+        return run_async  # type: ignore[return-value]
+
+    return observe
+
+
 class Variant:
     """One variant's settings: ``new()`` makes a tasks object, ``enter()`` a request scope."""
 
@@ -102,6 +128,14 @@ class Variant:
             if name == "ts-full":
                 self.provider = dropping_tracer_provider()
                 telemetry = Telemetry(registry=self.registry, tracer_provider=self.provider)
+            elif name == "ts-bare":  # diagnostic: taskscope's own bookkeeping, no signals
+                telemetry = Telemetry(
+                    registry=self.registry,
+                    prometheus=False,
+                    otel_metrics=False,
+                    span_mode="off",
+                    loop_probe=False,
+                )
             else:
                 telemetry = Telemetry(
                     registry=self.registry,
@@ -114,6 +148,10 @@ class Variant:
             self.provider = dropping_tracer_provider()
             self.new = StarletteBackgroundTasks
             self.task = hand_wrapper(self.registry, self.provider)
+        elif name == "otel-span":  # diagnostic: the span alone, as taskscope shapes it
+            self.provider = dropping_tracer_provider()
+            self.new = StarletteBackgroundTasks
+            self.task = span_only(self.provider)
         elif name == "fastapi-native":
             # What FastAPI's request handling puts in the OTel context: the per-request
             # telemetry holding the tracer. fastapi.BackgroundTasks.__call__ then wraps every

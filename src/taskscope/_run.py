@@ -6,6 +6,7 @@ import asyncio
 import inspect
 import warnings
 from collections.abc import Callable, Sequence
+from types import FunctionType
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -14,7 +15,8 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
-from taskscope._naming import callable_name
+from taskscope._naming import _NAME_ATTRIBUTE, callable_name
+from taskscope._probe import monitored
 from taskscope._record import Outcome, TaskRecord
 from taskscope._runtime import Runtime, current_telemetry, resolve, runtime_of
 
@@ -55,8 +57,35 @@ class Capture:
     def name(self) -> str:
         if self._name is None:
             telemetry = self.resolve(None)
-            self._name = runtime_of(telemetry).names.admit(callable_name(self.func))
+            self._name = runtime_of(telemetry).names.admit(_name_of(self.func))
         return self._name
+
+
+# callable_name() of plain functions, keyed by everything its result depends on (so
+# functools.wraps wrappers sharing a code object stay apart). Bounded: past the cap,
+# names are computed each time, as before.
+_NAME_CACHE_SIZE = 4096
+_names_by_key: dict[tuple[Any, ...], str] = {}
+
+
+def _name_of(func: Callable[..., Any]) -> str:
+    if type(func) is not FunctionType:
+        return callable_name(func)
+    try:
+        key = (
+            func.__code__,
+            func.__module__,
+            func.__qualname__,
+            func.__dict__.get(_NAME_ATTRIBUTE),
+        )
+        name = _names_by_key.get(key)
+    except Exception:  # unhashable explicit name and the like: the uncached path decides
+        return callable_name(func)
+    if name is None:
+        name = callable_name(func)
+        if len(_names_by_key) < _NAME_CACHE_SIZE:
+            _names_by_key[key] = name
+    return name
 
 
 def capture(func: Callable[..., Any], explicit: Telemetry | None) -> Capture:
@@ -169,7 +198,7 @@ async def run_one(task: BackgroundTask, cap: Capture, sent_at: float) -> None:
         if sync:
             await _run_sync(task, run, thread_started, clock)
         else:
-            await _run_async(task, run)
+            await monitored(task.func(*task.args, **task.kwargs), run)
     except BaseException as exc:
         error = exc
         outcome = _outcome_of(exc)
@@ -211,13 +240,6 @@ def _outcome_of(exc: BaseException) -> Outcome:
     if isinstance(exc, (anyio.get_cancelled_exc_class(), _INTERRUPTIONS)):
         return "cancelled"
     return "failure"  # SystemExit and other BaseExceptions raised by the task itself
-
-
-async def _run_async(task: BackgroundTask, run: TaskRun) -> None:
-    from taskscope._probe import monitored
-
-    awaitable = task.func(*task.args, **task.kwargs)
-    await monitored(awaitable, run)
 
 
 async def _run_sync(

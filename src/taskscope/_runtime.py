@@ -105,6 +105,8 @@ class Runtime:
         logger = t.logger if t.logger is not None else structlog.get_logger("taskscope")
         self.logs = LogEvents(logger)
         self._sinks.append(("logging", self.logs))
+        # The sinks that count (all but logging), for the per-task hot path.
+        self._metric_sinks = [(s, sink) for s, sink in self._sinks if s != "logging"]
 
     @property
     def tracer(self) -> Tracer | None:
@@ -129,20 +131,18 @@ class Runtime:
         self._count_error(signal)
 
     def task_started(self, name: str) -> None:
-        for signal, sink in self._sinks:
-            if signal != "logging":
-                try:
-                    sink.task_started(name)
-                except Exception:
-                    self._count_error(signal)
+        for signal, sink in self._metric_sinks:
+            try:
+                sink.task_started(name)
+            except Exception:
+                self._count_error(signal)
 
     def task_finished(self, name: str) -> None:
-        for signal, sink in self._sinks:
-            if signal != "logging":
-                try:
-                    sink.task_finished(name)
-                except Exception:
-                    self._count_error(signal)
+        for signal, sink in self._metric_sinks:
+            try:
+                sink.task_finished(name)
+            except Exception:
+                self._count_error(signal)
 
     def record(self, record: TaskRecord) -> None:
         if self.exited:  # already recorded as abandoned at exit: one outcome per task
@@ -175,12 +175,11 @@ class Runtime:
                 self._count_error(signal)
 
     def lag(self, seconds: float) -> None:
-        for signal, sink in self._sinks:
-            if signal != "logging":
-                try:
-                    sink.lag(seconds)
-                except Exception:
-                    self._count_error(signal)
+        for signal, sink in self._metric_sinks:
+            try:
+                sink.lag(seconds)
+            except Exception:
+                self._count_error(signal)
 
     def warning(self, name: str, kind: str, **details: Any) -> None:
         for signal, sink in self._sinks:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -129,28 +129,54 @@ class PrometheusMetrics:
         )
         for signal in SIGNALS:  # zero from the first scrape, so rate() works
             self.instrumentation_errors.labels(signal=signal)
+        self._by_name: dict[str, _NameChildren] = {}
+        self._by_outcome: dict[tuple[str, str], tuple[Any, Any]] = {}
+
+    # Labelled children are cached: ``labels()`` costs about 1 us (sorting, locking) and
+    # runs several times per task. Both caches are bounded like the label values
+    # (``max_task_names`` names x outcomes); a racing first use just calls ``labels()`` twice.
+    def _of_name(self, name: str) -> _NameChildren:
+        children = self._by_name.get(name)
+        if children is None:
+            children = self._by_name[name] = _NameChildren(self, name)
+        return children
+
+    def _of_outcome(self, name: str, outcome: str) -> tuple[Any, Any]:
+        key = (name, outcome)
+        children = self._by_outcome.get(key)
+        if children is None:
+            children = self._by_outcome[key] = (
+                self.tasks.labels(task=name, outcome=outcome),
+                self.duration.labels(task=name, outcome=outcome),
+            )
+        return children
 
     def task_started(self, name: str) -> None:
-        self.in_progress.labels(task=name).inc()
+        self._of_name(name).in_progress.inc()
 
     def task_finished(self, name: str) -> None:
-        self.in_progress.labels(task=name).dec()
+        self._of_name(name).in_progress.dec()
 
     def record(self, record: TaskRecord) -> None:
         name = record.name
-        self.tasks.labels(task=name, outcome=record.outcome).inc()
-        if record.outcome in ("skipped", "abandoned") and record.duration == 0.0:
+        total, duration = self._of_outcome(name, record.outcome)
+        total.inc()
+        if record.duration == 0.0 and record.outcome in ("skipped", "abandoned"):
             return
-        exemplar = {"trace_id": record.trace_id} if record.trace_id else None
-        self.duration.labels(task=name, outcome=record.outcome).observe(record.duration, exemplar)
-        if record.wait is not None:
-            self.wait.labels(task=name).observe(record.wait)
-        if record.thread_wait is not None:
-            self.thread_wait.labels(task=name).observe(record.thread_wait)
+        if record.trace_id:
+            duration.observe(record.duration, {"trace_id": record.trace_id})
+        else:
+            duration.observe(record.duration)
+        if record.wait is not None or record.thread_wait is not None or record.loop_busy > 0.0:
+            children = self._of_name(name)
+            if record.wait is not None:
+                children.wait.observe(record.wait)
+            if record.thread_wait is not None:
+                children.thread_wait.observe(record.thread_wait)
+            if record.loop_busy > 0.0:
+                children.loop_busy.inc(record.loop_busy)
         if record.outcome == "failure":
             self.failures.labels(task=name, error_type=record.error_type or "Exception").inc()
-        if record.loop_busy > 0.0:
-            self.loop_busy.labels(task=name).inc(record.loop_busy)
 
     def block_detected(self, block: BlockRecord) -> None:
         self.loop_blocks.labels(task=block.task).inc()
@@ -167,3 +193,39 @@ class PrometheusMetrics:
 
     def instrumentation_error(self, signal: str) -> None:
         self.instrumentation_errors.labels(signal=signal).inc()
+
+
+class _NameChildren:
+    """The children of the families labelled by ``task`` alone.
+
+    Each is created on first use, as ``labels()`` at that point did: no empty series
+    (e.g. loop-busy seconds of a sync task) appear because of the cache.
+    """
+
+    __slots__ = ("_loop_busy", "_metrics", "_name", "_thread_wait", "_wait", "in_progress")
+
+    def __init__(self, metrics: PrometheusMetrics, name: str) -> None:
+        self._metrics = metrics
+        self._name = name
+        self.in_progress = metrics.in_progress.labels(task=name)
+        self._wait: Any = None
+        self._thread_wait: Any = None
+        self._loop_busy: Any = None
+
+    @property
+    def wait(self) -> Any:
+        if self._wait is None:
+            self._wait = self._metrics.wait.labels(task=self._name)
+        return self._wait
+
+    @property
+    def thread_wait(self) -> Any:
+        if self._thread_wait is None:
+            self._thread_wait = self._metrics.thread_wait.labels(task=self._name)
+        return self._thread_wait
+
+    @property
+    def loop_busy(self) -> Any:
+        if self._loop_busy is None:
+            self._loop_busy = self._metrics.loop_busy.labels(task=self._name)
+        return self._loop_busy
