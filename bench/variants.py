@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 
 from opentelemetry import context as otel_context
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.util.types import AttributeValue
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.background import BackgroundTasks as StarletteBackgroundTasks
 
@@ -97,7 +98,7 @@ def span_only(provider: TracerProvider) -> Callable[[F], F]:
 
         @functools.wraps(func)
         async def run_async(*args: Any, **kwargs: Any) -> Any:
-            attributes = {
+            attributes: dict[str, AttributeValue] = {
                 "code.function.name": name,
                 "taskscope.task.sync": False,
                 "taskscope.task.wait_s": 0.0,
