@@ -1,10 +1,10 @@
 """End-to-end HTTP: every variant served by uvicorn, loaded by wrk, interleaved.
 
-One uvicorn process per variant (1 worker, 127.0.0.1, --no-access-log; uvloop + httptools
-when installed, else asyncio + h11: printed). All servers start first and are warmed up;
-then each round loads every variant once, in a shuffled order, with
-``wrk -t1 -c16 -dDs --latency``. Figures are medians over rounds of req/s and p99, and
-ratios against ``plain`` (FastAPI, no telemetry) computed in the same run.
+One uvicorn process per variant (1 worker, 127.0.0.1, --no-access-log; by default uvloop +
+httptools when installed, else asyncio + h11; ``--loop``/``--http`` choose; printed).
+All servers start first and are warmed up; then each round loads every variant once, in
+a shuffled order, with ``wrk -t1 -c16 -dDs --latency``. Figures are medians over rounds
+of req/s and p99, and ratios against ``plain`` (FastAPI, no telemetry) from the same run.
 
     .venv/bin/python bench/http_load.py [--quick] [--rounds N] [--duration S]
 """
@@ -37,17 +37,19 @@ def free_port() -> int:
         return port
 
 
-def server_flags() -> tuple[str, str]:
-    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
-    http = "httptools" if importlib.util.find_spec("httptools") else "h11"
+def server_flags(loop: str = "auto", http: str = "auto") -> tuple[str, str]:
+    """uvicorn's fastest installed choices unless told otherwise."""
+    if loop == "auto":
+        loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    if http == "auto":
+        http = "httptools" if importlib.util.find_spec("httptools") else "h11"
     return loop, http
 
 
 class Server:
-    def __init__(self, variant: str, tasks: str) -> None:
+    def __init__(self, variant: str, tasks: str, loop: str, http: str) -> None:
         self.variant = variant
         self.port = free_port()
-        loop, http = server_flags()
         env = dict(os.environ, BENCH_VARIANT=variant, BENCH_TASKS=tasks)
         env["PYTHONPATH"] = os.pathsep.join([str(BENCH), str(ROOT / "src")])
         self.proc = subprocess.Popen(
@@ -132,10 +134,15 @@ def wrk(url: str, duration: float, connections: int) -> tuple[float, float]:
 
 
 def measure(
-    names: tuple[str, ...], rounds: int, duration: float, connections: int, tasks: str
+    names: tuple[str, ...],
+    rounds: int,
+    duration: float,
+    connections: int,
+    tasks: str,
+    flags: tuple[str, str],
 ) -> dict[str, tuple[float, float]]:
     """Median (req/s, p99 ms) per variant."""
-    servers = {name: Server(name, tasks) for name in names}
+    servers = {name: Server(name, tasks, *flags) for name in names}
     try:
         for server in servers.values():
             server.wait_ready()
@@ -187,6 +194,8 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--tasks", choices=("async", "mixed"), default="async")
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto")
+    parser.add_argument("--http", choices=("auto", "h11", "httptools"), default="auto")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk not found (Debian: apt-get install wrk; see scripts/ensure-system-tools)")
@@ -195,14 +204,16 @@ def main() -> None:
     names = tuple(args.variants.split(","))
     if "plain" not in names:
         names = ("plain", *names)
-    loop, http = server_flags()
+    loop, http = server_flags(args.loop, args.http)
     print_environment()
     print(
         f"# http: uvicorn 1 worker, --loop {loop} --http {http}; wrk -t1 -c{args.connections} "
         f"-d{duration:g}s; {rounds} rounds interleaved; GET /hit adds 2 tiny "
         f"{'async' if args.tasks == 'async' else 'async + sync'} tasks"
     )
-    text, checks = report(measure(names, rounds, duration, args.connections, args.tasks))
+    text, checks = report(
+        measure(names, rounds, duration, args.connections, args.tasks, (loop, http))
+    )
     print(text)
     for label, value, ok in checks:
         print(f"{label}: {value} -> {verdict(ok)}")
