@@ -1,0 +1,312 @@
+"""The loop probe against real blocking code: which task, which line, how long.
+
+Each scenario runs real background tasks (``taskscope.BackgroundTasks(...)()`` awaited in an
+anyio test, asyncio and trio) that really block the loop: blocking the loop is the behaviour
+under test, so these sleeps are real (each at most 0.3 s). Ground truth comes from the
+scenario modules: the task's name, and its blocking line found by a ``# BLOCK: name`` marker.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import anyio
+import pytest
+
+from taskscope import BackgroundTasks
+from tests.conftest import LogRecorder, Observed, make_observed
+from tests.scenarios import blocking, markers, quiet
+
+pytestmark = pytest.mark.anyio
+THRESHOLD = 0.1
+BLOCKING_FILE = os.path.realpath(blocking.__file__)
+
+
+class TimingRecorder(LogRecorder):
+    """Notes when each event arrived (``at``, perf_counter) and on which thread."""
+
+    def _log(self, level: str, event: str, **kw: Any) -> None:
+        kw["at"] = time.perf_counter()
+        kw["thread"] = threading.get_ident()
+        super()._log(level, event, **kw)
+
+
+def observed() -> Observed:
+    obs = make_observed(block_threshold=THRESHOLD)
+    obs.logs.__class__ = TimingRecorder
+    return obs
+
+
+def name_of(func: Callable[..., Any]) -> str:
+    return f"{func.__module__}.{func.__qualname__}"
+
+
+async def run(obs: Observed, *tasks: tuple[Callable[..., Any], tuple[Any, ...]]) -> None:
+    background = BackgroundTasks(telemetry=obs.telemetry)
+    for func, args in tasks:
+        background.add_task(func, *args)
+    await background()
+
+
+def blocked(obs: Observed) -> list[dict[str, Any]]:
+    return obs.logs.named("task.loop_blocked")
+
+
+def assert_one_block(
+    obs: Observed, task: Callable[..., Any], where: set[str], *, duration: float = 0.25
+) -> dict[str, Any]:
+    """Exactly one block, attributed to ``task`` at one of ``where``, in every signal."""
+    name = name_of(task)
+    events = blocked(obs)
+    assert len(events) == 1, events
+    event = events[0]
+    assert event["task"] == name
+    assert event["location"] in where, (event["location"], where, event["stack"])
+    assert obs.value("taskscope_task_loop_blocks_total", task=name) == 1.0
+    assert obs.value("taskscope_task_loop_block_seconds_count", task=name) == 1.0
+    assert obs.value("taskscope_task_loop_block_seconds_sum", task=name) >= duration
+    (span,) = [s for s in obs.task_spans() if s.name == f"background_task {name}"]
+    (span_event,) = [e for e in span.events if e.name == "loop.blocked"]
+    assert span_event.attributes is not None
+    assert span_event.attributes["code.location"] == event["location"]
+    assert float(str(span_event.attributes["taskscope.block.duration_s"])) >= duration
+    return event
+
+
+# -- blocking calls that release the GIL: the watchdog samples the blocking line ----------------
+async def test_time_sleep_in_async_def(anyio_backend: str) -> None:
+    """time.sleep in an async task: reported during the block, at the sleep line."""
+    obs = observed()
+    await run(obs, (blocking.sleeps, ()))
+    event = assert_one_block(obs, blocking.sleeps, markers(BLOCKING_FILE, "sleep"))
+    assert event["ongoing"] is True
+    assert event["sampled"] is True
+    assert event["thread"] != threading.get_ident()  # from the watchdog thread
+
+
+async def test_detected_while_the_block_still_runs(anyio_backend: str) -> None:
+    """A 300 ms block at a 100 ms threshold is reported at most 150 ms after it starts."""
+    obs = observed()
+    await run(obs, (blocking.sleeps, ()))
+    started = blocking.timestamps["sleeps"]
+    (event,) = blocked(obs)
+    assert event["ongoing"] is True
+    latency = event["at"] - started
+    assert THRESHOLD <= latency <= 0.15, latency
+    assert event["at"] < started + blocking.BLOCK  # while the loop was still blocked
+
+
+async def test_cpu_loop(anyio_backend: str) -> None:
+    """A pure-Python busy loop (GIL held between switch intervals) is sampled in the loop."""
+    obs = observed()
+    await run(obs, (blocking.cpu_loop, ()))
+    event = assert_one_block(obs, blocking.cpu_loop, markers(BLOCKING_FILE, "cpu"))
+    assert event["ongoing"] is True
+
+
+async def test_blocking_fifo_read(anyio_backend: str) -> None:
+    """Opening and reading a FIFO whose writer is late blocks at the open line."""
+    obs = observed()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "fifo")
+        os.mkfifo(path)
+
+        def writer() -> None:
+            time.sleep(blocking.BLOCK)
+            with open(path, "wb") as fifo:
+                fifo.write(b"hello")
+
+        thread = threading.Thread(target=writer)
+        thread.start()
+        try:
+            await run(obs, (blocking.reads_fifo, (path,)))
+        finally:
+            thread.join()
+    assert_one_block(obs, blocking.reads_fifo, markers(BLOCKING_FILE, "fifo"))
+
+
+@contextmanager
+def slow_server(delay: float) -> Iterator[int]:
+    """A 127.0.0.1 server thread that answers each connection after ``delay`` seconds."""
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn:
+            time.sleep(delay)
+            conn.sendall(b"pong")
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        yield port
+    finally:
+        thread.join(timeout=5)
+        server.close()
+
+
+async def test_blocking_socket_recv(anyio_backend: str) -> None:
+    """A blocking recv from a slow local server is blamed on the recv line."""
+    obs = observed()
+    with slow_server(blocking.BLOCK) as port:
+        await run(obs, (blocking.receives, (port,)))
+    assert_one_block(obs, blocking.receives, markers(BLOCKING_FILE, "recv"))
+
+
+async def test_lock_held_by_another_thread(anyio_backend: str) -> None:
+    """Waiting for a threading.Lock another thread holds is blamed on the with line."""
+    obs = observed()
+    lock = threading.Lock()
+    held = threading.Event()
+
+    def holder() -> None:
+        with lock:
+            held.set()
+            time.sleep(blocking.BLOCK)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    held.wait()
+    try:
+        await run(obs, (blocking.takes_lock, (lock,)))
+    finally:
+        thread.join()
+    assert_one_block(obs, blocking.takes_lock, markers(BLOCKING_FILE, "lock"))
+
+
+async def test_json_dumps_holding_the_gil(anyio_backend: str) -> None:
+    """json.dumps of a huge object holds the GIL: the location is a line of the task's file."""
+    payload = [{"a": i, "b": [1, 2, 3], "c": "x" * 10} for i in range(300_000)]
+    obs = observed()
+    await run(obs, (blocking.dumps, (payload,)))
+    name = name_of(blocking.dumps)
+    (event,) = blocked(obs)
+    assert event["task"] == name
+    assert event["location"], event
+    assert event["location"].startswith(BLOCKING_FILE + ":")
+    # Sampled right after the C call returned, or (no sample) where the step ended.
+    assert event["location"] in markers(BLOCKING_FILE, "dumps") | markers(
+        BLOCKING_FILE, "after-dumps"
+    )
+    assert obs.value("taskscope_task_loop_blocks_total", task=name) == 1.0
+    assert obs.value("taskscope_task_loop_block_seconds_count", task=name) == 1.0
+
+
+# -- attribution: helpers, children, the task that comes next ----------------------------------
+async def test_block_in_nested_helper_coroutine(anyio_backend: str) -> None:
+    """A block inside an awaited helper: the helper's line, the outer task's name."""
+    obs = observed()
+    await run(obs, (blocking.nested, ()))
+    assert_one_block(obs, blocking.nested, markers(BLOCKING_FILE, "nested"))
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_block_in_gather_child(anyio_backend: str) -> None:
+    """A block in an asyncio.gather child is the parent task's block, at the child's line."""
+    obs = observed()
+    await run(obs, (blocking.gathers, ()))
+    assert_one_block(obs, blocking.gathers, markers(BLOCKING_FILE, "child"))
+
+
+async def test_block_in_task_group_child(anyio_backend: str) -> None:
+    """A block in an anyio task-group child is the parent task's block, at the child's line."""
+    obs = observed()
+    await run(obs, (blocking.task_group, ()))
+    assert_one_block(obs, blocking.task_group, markers(BLOCKING_FILE, "child"))
+
+
+async def test_block_as_last_statement_then_innocent_task(anyio_backend: str) -> None:
+    """A block as a task's last statement is that task's; the next task reports nothing."""
+    obs = observed()
+    await run(obs, (blocking.blocks_last, ()), (blocking.innocent, ()))
+    assert_one_block(obs, blocking.blocks_last, markers(BLOCKING_FILE, "last"))
+    innocent = name_of(blocking.innocent)
+    assert obs.value("taskscope_task_loop_blocks_total", task=innocent) == 0.0
+    (span,) = [s for s in obs.task_spans() if s.name == f"background_task {innocent}"]
+    assert not [e for e in span.events if e.name == "loop.blocked"]
+    assert obs.outcomes()[(innocent, "success")] == 1.0
+
+
+async def lag_samples(obs: Observed) -> tuple[float, float, float]:
+    """(count, count above 5 ms, count above 250 ms) of the lag histogram."""
+    await anyio.sleep(0.05)  # the heartbeat that fired late records its lag
+    count = obs.value("taskscope_event_loop_lag_seconds_count")
+    over_5ms = count - obs.value("taskscope_event_loop_lag_seconds_bucket", le="0.005")
+    over_250ms = count - obs.value("taskscope_event_loop_lag_seconds_bucket", le="0.25")
+    return count, over_5ms, over_250ms
+
+
+async def test_many_short_blocks(anyio_backend: str) -> None:
+    """20 x 30 ms with a yield between: no block, but the busy time and the lag show it."""
+    obs = observed()
+    await run(obs, (blocking.short_blocks, ()))
+    name = name_of(blocking.short_blocks)
+    assert blocked(obs) == []
+    assert obs.value("taskscope_task_loop_blocks_total", task=name) == 0.0
+    assert obs.value("taskscope_task_loop_busy_seconds_total", task=name) >= 0.5
+    count, over_5ms, _ = await lag_samples(obs)
+    assert count >= 3
+    assert over_5ms >= 1  # the heartbeat fired late behind the 30 ms steps
+
+
+async def test_one_long_step_is_one_block(anyio_backend: str) -> None:
+    """The same 600 ms without yields is one step: exactly one block of >= 0.55 s."""
+    obs = observed()
+    await run(obs, (blocking.one_long_step, ()))
+    name = name_of(blocking.one_long_step)
+    assert_one_block(
+        obs, blocking.one_long_step, markers(BLOCKING_FILE, "long-step"), duration=0.55
+    )
+    assert obs.value("taskscope_task_loop_busy_seconds_total", task=name) >= 0.55
+    _, _, over_250ms = await lag_samples(obs)
+    assert over_250ms >= 1
+
+
+# -- negative controls: waiting is not blocking ------------------------------------------------
+async def test_waiting_without_blocking_reports_nothing(anyio_backend: str) -> None:
+    """Awaited I/O, async sleeps, worker threads and sync tasks never count as blocks."""
+    obs = observed()
+    with slow_server(quiet.WAIT) as port:
+        await run(
+            obs,
+            (quiet.awaits_socket, (port,)),
+            (quiet.sleeps_async, ()),
+            (quiet.sleeps_in_thread, ()),
+            (quiet.sync_sleeps, ()),
+        )
+    assert blocked(obs) == []
+    for func in (quiet.awaits_socket, quiet.sleeps_async, quiet.sleeps_in_thread):
+        name = name_of(func)
+        assert obs.outcomes()[(name, "success")] == 1.0
+        assert obs.value("taskscope_task_loop_blocks_total", task=name) == 0.0
+        assert obs.value("taskscope_task_loop_busy_seconds_total", task=name) < 0.05
+    assert (
+        obs.value(
+            "taskscope_task_duration_seconds_sum",
+            task=name_of(quiet.sync_sleeps),
+            outcome="success",
+        )
+        >= 0.29
+    )
+    for span in obs.task_spans():
+        assert not [e for e in span.events if e.name == "loop.blocked"]
+
+
+async def test_idle_loop_reports_nothing(anyio_backend: str) -> None:
+    """An idle loop with the probe running: lag samples, small ones, and no block."""
+    obs = observed()
+    await run(obs, (quiet.sleeps_async, ()))
+    await anyio.sleep(0.3)
+    assert blocked(obs) == []
+    count, _, over_250ms = await lag_samples(obs)
+    assert count >= 4
+    assert over_250ms == 0
+    assert obs.value("taskscope_instrumentation_errors_total", signal="loop_probe") == 0.0
