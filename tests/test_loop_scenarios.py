@@ -20,6 +20,7 @@ from typing import Any
 import anyio
 import pytest
 
+import taskscope
 from taskscope import BackgroundTasks
 from tests.conftest import LogRecorder, Observed, make_observed
 from tests.scenarios import blocking, markers, quiet
@@ -235,6 +236,12 @@ async def test_block_as_last_statement_then_innocent_task(anyio_backend: str) ->
     assert obs.outcomes()[(innocent, "success")] == 1.0
 
 
+async def heartbeat_running(obs: Observed) -> None:
+    """Start the probe and let its heartbeat take its first step (its first due time)."""
+    await taskscope.start_loop_probe(obs.telemetry)
+    await anyio.sleep(0.02)
+
+
 async def lag_samples(obs: Observed) -> tuple[float, float, float]:
     """(count, count above 5 ms, count above 250 ms) of the lag histogram."""
     await anyio.sleep(0.05)  # the heartbeat that fired late records its lag
@@ -247,6 +254,7 @@ async def lag_samples(obs: Observed) -> tuple[float, float, float]:
 async def test_many_short_blocks(anyio_backend: str) -> None:
     """20 x 30 ms with a yield between: no block, but the busy time and the lag show it."""
     obs = observed()
+    await heartbeat_running(obs)
     await run(obs, (blocking.short_blocks, ()))
     name = name_of(blocking.short_blocks)
     assert blocked(obs) == []
@@ -260,6 +268,7 @@ async def test_many_short_blocks(anyio_backend: str) -> None:
 async def test_one_long_step_is_one_block(anyio_backend: str) -> None:
     """The same 600 ms without yields is one step: exactly one block of >= 0.55 s."""
     obs = observed()
+    await heartbeat_running(obs)
     await run(obs, (blocking.one_long_step, ()))
     name = name_of(blocking.one_long_step)
     assert_one_block(

@@ -8,6 +8,7 @@ import contextvars
 import threading
 import weakref
 from collections import Counter
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 # Imported with taskscope, not at the first task: structlog's import (which pulls in rich when
@@ -75,6 +76,8 @@ class Runtime:
         self._inflight_lock = threading.Lock()
         self._setup_sinks()
         _exit_watch.add(self)
+        for hook in tuple(runtime_created):  # taskscope.testing.capture() listens here
+            hook(self)
 
     def _setup_sinks(self) -> None:
         t = self.telemetry
@@ -250,3 +253,5 @@ class _ExitWatch:
 
 
 _exit_watch = _ExitWatch()
+# Called with every new Runtime (taskscope.testing captures from all of them).
+runtime_created: list[Callable[[Runtime], None]] = []

@@ -1,0 +1,261 @@
+"""Test helpers: see what background tasks recorded; fail tests whose tasks blocked the loop.
+
+``capture()`` collects the records taskscope produced (every task's :class:`TaskRecord`,
+every blocking step's :class:`BlockRecord`). ``assert_no_blocking()`` raises when a task
+blocked the event loop. As a pytest plugin (``pytest_plugins = ["taskscope.testing"]``),
+the ``taskscope_guard`` fixture gives a fresh :class:`Telemetry` and fails the test when
+one of its background tasks blocked the loop or failed, naming the task and the line.
+
+These cover background tasks run through taskscope (its ``BackgroundTasks`` or an
+instrumented app); blocks are the steps longer than the Telemetry's ``block_threshold``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+from taskscope._record import BlockRecord, TaskRecord
+from taskscope._runtime import _exit_watch, runtime_created, runtime_of
+
+if TYPE_CHECKING:
+    from taskscope._config import Telemetry
+    from taskscope._runtime import Runtime
+
+__all__ = ("Captured", "Guard", "assert_no_blocking", "capture")
+
+
+class Captured:
+    """What taskscope recorded while a :func:`capture` was open (appended as it happens)."""
+
+    def __init__(self) -> None:
+        self.tasks: list[TaskRecord] = []
+        """One record per task that ended (any outcome)."""
+        self.blocks: list[BlockRecord] = []
+        """One per step that blocked the loop, when the step ended (full duration)."""
+        self.detections: list[BlockRecord] = []
+        """The watchdog's reports while a block was still running (``ongoing=True``)."""
+        self._lock = threading.Lock()
+
+    def failures(self) -> list[TaskRecord]:
+        return [t for t in self.tasks if t.outcome == "failure"]
+
+    def blocking(self, threshold: float | None = None) -> list[BlockRecord]:
+        """Blocks (ended, or still running if never ended) at least ``threshold`` long."""
+        with self._lock:
+            ended = list(self.blocks)
+            ongoing = [
+                d
+                for d in self.detections
+                if not any(_same_block(d, b) for b in ended)  # still blocking (a hang)
+            ]
+        found = ended + ongoing
+        if threshold is not None:
+            found = [b for b in found if b.duration >= threshold or b.ongoing]
+        return found
+
+    def problems(self, *, threshold: float | None = None, failures: bool = True) -> list[str]:
+        """One line per blocking step (and per failed task), for an assertion message."""
+        lines = [describe_block(b) for b in self.blocking(threshold)]
+        if failures:
+            lines += [describe_failure(t) for t in self.failures()]
+        return lines
+
+    def clear(self) -> None:
+        with self._lock:
+            self.tasks.clear()
+            self.blocks.clear()
+            self.detections.clear()
+
+    # -- the sink interface of taskscope's runtime ---------------------------------------
+    def task_started(self, name: str) -> None:
+        pass
+
+    def task_finished(self, name: str) -> None:
+        pass
+
+    def record(self, record: TaskRecord) -> None:
+        with self._lock:
+            self.tasks.append(record)
+
+    def block_detected(self, block: BlockRecord) -> None:
+        if block.ongoing:  # the ended record follows in block_ended
+            with self._lock:
+                self.detections.append(block)
+
+    def block_ended(self, block: BlockRecord) -> None:
+        with self._lock:
+            self.blocks.append(block)
+
+    def lag(self, seconds: float) -> None:
+        pass
+
+    def warning(self, name: str, kind: str) -> None:
+        pass
+
+
+def _same_block(detection: BlockRecord, ended: BlockRecord) -> bool:
+    if detection.span_id is not None:
+        return detection.span_id == ended.span_id and detection.task == ended.task
+    return detection.task == ended.task and detection.location == ended.location
+
+
+def describe_block(block: BlockRecord) -> str:
+    state = "still blocking after" if block.ongoing else "blocked the event loop for"
+    return f"task {block.task} {state} {block.duration * 1e3:.0f} ms at {block.location}"
+
+
+def describe_failure(record: TaskRecord) -> str:
+    message = f": {record.error_message}" if record.error_message else ""
+    return f"task {record.name} failed with {record.error_type}{message}"
+
+
+def _attach(runtime: Runtime, sink: Captured) -> None:
+    runtime._sinks = [*runtime._sinks, ("testing", sink)]  # copy on write: no torn loops
+
+
+def _detach(runtime: Runtime, sink: Captured) -> None:
+    runtime._sinks = [(s, k) for s, k in runtime._sinks if k is not sink]
+
+
+@contextmanager
+def capture(telemetry: Telemetry | None = None) -> Iterator[Captured]:
+    """Collect the records of ``telemetry``'s tasks (default: every Telemetry's)."""
+    captured = Captured()
+    attached: list[Runtime] = []
+
+    def hook(runtime: Runtime) -> None:
+        _attach(runtime, captured)
+        attached.append(runtime)
+
+    if telemetry is not None:
+        hook(runtime_of(telemetry))
+    else:
+        for runtime in list(_exit_watch._runtimes):
+            hook(runtime)
+        runtime_created.append(hook)
+    try:
+        yield captured
+    finally:
+        if hook in runtime_created:
+            runtime_created.remove(hook)
+        for runtime in attached:
+            _detach(runtime, captured)
+
+
+@contextmanager
+def assert_no_blocking(
+    telemetry: Telemetry | None = None, *, threshold: float | None = None
+) -> Iterator[Captured]:
+    """Raise ``AssertionError`` if a background task blocked the event loop inside the block.
+
+    ``telemetry``: whose tasks to watch (default: every Telemetry's). ``threshold``: only
+    blocks at least this long count (blocks shorter than the Telemetry's
+    ``block_threshold`` are never detected, so a smaller value cannot see more).
+    """
+    if telemetry is not None and threshold is not None and threshold < telemetry.block_threshold:
+        msg = (
+            f"threshold={threshold} is below the telemetry's block_threshold="
+            f"{telemetry.block_threshold}: shorter blocks are never detected"
+        )
+        raise ValueError(msg)
+    with capture(telemetry) as captured:
+        yield captured
+    problems = captured.problems(threshold=threshold, failures=False)
+    if problems:
+        raise AssertionError("background tasks blocked the event loop:\n  " + "\n  ".join(problems))
+
+
+class Guard:
+    """The ``taskscope_guard`` fixture: a fresh Telemetry whose tasks must not block or fail.
+
+    ``allow_blocking`` / ``allow_failures`` switch a check off for one test; ``captured``
+    holds what was recorded; ``logs`` the log events (a list of dicts).
+    """
+
+    def __init__(self, **options: Any) -> None:
+        from prometheus_client import CollectorRegistry
+
+        from taskscope._config import Telemetry
+
+        self.registry = CollectorRegistry()
+        self.logs: list[dict[str, Any]] = []
+        options.setdefault("span_mode", "off")
+        options.setdefault("otel_metrics", False)
+        self.telemetry = Telemetry(registry=self.registry, logger=_ListLogger(self.logs), **options)
+        self.allow_blocking = False
+        self.allow_failures = False
+        self.captured = Captured()
+        _attach(runtime_of(self.telemetry), self.captured)
+
+    def problems(self) -> list[str]:
+        lines: list[str] = []
+        if not self.allow_blocking:
+            lines += [describe_block(b) for b in self.captured.blocking()]
+        if not self.allow_failures:
+            lines += [describe_failure(t) for t in self.captured.failures()]
+        return lines
+
+    def check(self) -> None:
+        """Raise ``AssertionError`` listing every block and failure (then forget them)."""
+        problems = self.problems()
+        self.captured.clear()
+        if problems:
+            raise AssertionError("taskscope_guard:\n  " + "\n  ".join(problems))
+
+
+class _ListLogger:
+    """A structlog-compatible logger that keeps each event as a dict."""
+
+    def __init__(self, events: list[dict[str, Any]]) -> None:
+        self.events = events
+
+    def _log(self, level: str, event: str, **kw: Any) -> None:
+        self.events.append({"event": event, "level": level, **kw})
+
+    def debug(self, event: str, **kw: Any) -> None:
+        self._log("debug", event, **kw)
+
+    def info(self, event: str, **kw: Any) -> None:
+        self._log("info", event, **kw)
+
+    def warning(self, event: str, **kw: Any) -> None:
+        self._log("warning", event, **kw)
+
+    def error(self, event: str, **kw: Any) -> None:
+        self._log("error", event, **kw)
+
+
+try:
+    import pytest
+except ImportError:  # pragma: no cover - the helpers above work without pytest
+    pass
+else:
+
+    @pytest.fixture
+    def taskscope_guard() -> Iterator[Guard]:
+        """A fresh Telemetry; the test fails if one of its tasks blocked the loop or failed.
+
+        Use it with ``BackgroundTasks(telemetry=taskscope_guard.telemetry)`` or
+        ``instrument_app(app, taskscope_guard.telemetry)``.
+        """
+        guard = Guard()
+        yield guard
+        _fail_on_problems(guard)  # what ended after the test function (teardown error)
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+        """Fail the test itself (not its teardown) when its guard saw a block or failure."""
+        result = yield  # a test that raised keeps its own failure
+        guard = getattr(item, "funcargs", {}).get("taskscope_guard")
+        if isinstance(guard, Guard):
+            _fail_on_problems(guard)
+        return result
+
+    def _fail_on_problems(guard: Guard) -> None:
+        problems = guard.problems()
+        guard.captured.clear()
+        if problems:
+            pytest.fail("taskscope_guard:\n  " + "\n  ".join(problems), pytrace=False)
