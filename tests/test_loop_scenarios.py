@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import anyio
+import anyio.to_thread
 import pytest
 
 import taskscope
@@ -319,3 +320,47 @@ async def test_idle_loop_reports_nothing(anyio_backend: str) -> None:
     assert count >= 4
     assert over_250ms == 0
     assert obs.value("taskscope_instrumentation_errors_total", signal="loop_probe") == 0.0
+
+
+async def test_threadpool_pressure_is_thread_wait_not_blocking(anyio_backend: str) -> None:
+    """A sync task queued behind a busy worker thread: thread wait recorded, no loop block."""
+    obs = observed()
+    limiter = anyio.to_thread.current_default_thread_limiter()
+    tokens = limiter.total_tokens
+    limiter.total_tokens = 1
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(anyio.to_thread.run_sync, time.sleep, quiet.WAIT)
+            await anyio.sleep(0.02)  # the only worker thread is taken now
+            await run(obs, (quiet.sync_sleeps, ()))
+    finally:
+        limiter.total_tokens = tokens
+    name = name_of(quiet.sync_sleeps)
+    assert obs.value("taskscope_task_thread_wait_seconds_count", task=name) == 1.0
+    assert obs.value("taskscope_task_thread_wait_seconds_sum", task=name) >= 0.2
+    assert blocked(obs) == []
+    assert obs.value("taskscope_task_loop_blocks_total", task=name) == 0.0
+
+
+def test_through_a_starlette_app_and_the_test_client(anyio_backend: str) -> None:
+    """End to end: a response's tasks, one blocking, one innocent, through TestClient."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    obs = observed()
+
+    async def endpoint(request: Request) -> Response:
+        tasks = BackgroundTasks(telemetry=obs.telemetry)
+        tasks.add_task(blocking.sleeps)
+        tasks.add_task(blocking.innocent)
+        return Response("ok", background=tasks)
+
+    app = Starlette(routes=[Route("/", endpoint)])
+    with TestClient(app, backend=anyio_backend) as client:  # type: ignore[arg-type]
+        assert client.get("/").text == "ok"
+    event = assert_one_block(obs, blocking.sleeps, markers(BLOCKING_FILE, "sleep"))
+    assert event["ongoing"] is True
+    assert obs.value("taskscope_task_loop_blocks_total", task=name_of(blocking.innocent)) == 0
