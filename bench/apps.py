@@ -1,14 +1,16 @@
 """The FastAPI apps served by uvicorn in the HTTP benchmark, one per variant.
 
 ``BENCH_VARIANT`` (read when uvicorn imports this module, in the server subprocess) selects
-the variant; see ``variants.py``. Every app has ``GET /hit``, which adds two tiny async
-background tasks and returns a small JSON body. Serve with::
+the variant (see ``variants.py``); ``BENCH_TASKS=mixed`` makes the second task sync;
+``BENCH_GC_FREEZE=1`` calls ``gc.freeze()`` once the app is built. Every app has
+``GET /hit``, which adds two tiny background tasks and returns a small JSON body::
 
     BENCH_VARIANT=ts-full uvicorn apps:app --app-dir bench
 """
 
 from __future__ import annotations
 
+import gc
 import os
 from typing import Any
 
@@ -64,3 +66,8 @@ def _same(func: Any) -> Any:
 
 
 app = build(os.environ.get("BENCH_VARIANT", "plain"))
+if os.environ.get("BENCH_GC_FREEZE"):
+    # Move everything imported so far out of the collector's reach: gen-2 collections then
+    # scan only what requests allocate (what many production setups do after startup).
+    gc.collect()
+    gc.freeze()

@@ -47,10 +47,12 @@ def server_flags(loop: str = "auto", http: str = "auto") -> tuple[str, str]:
 
 
 class Server:
-    def __init__(self, variant: str, tasks: str, loop: str, http: str) -> None:
+    def __init__(self, variant: str, tasks: str, loop: str, http: str, freeze: bool) -> None:
         self.variant = variant
         self.port = free_port()
         env = dict(os.environ, BENCH_VARIANT=variant, BENCH_TASKS=tasks)
+        if freeze:
+            env["BENCH_GC_FREEZE"] = "1"
         env["PYTHONPATH"] = os.pathsep.join([str(BENCH), str(ROOT / "src")])
         self.proc = subprocess.Popen(
             [
@@ -140,9 +142,10 @@ def measure(
     connections: int,
     tasks: str,
     flags: tuple[str, str],
+    freeze: bool = False,
 ) -> dict[str, tuple[float, float]]:
     """Median (req/s, p99 ms) per variant."""
-    servers = {name: Server(name, tasks, *flags) for name in names}
+    servers = {name: Server(name, tasks, *flags, freeze) for name in names}
     try:
         for server in servers.values():
             server.wait_ready()
@@ -196,6 +199,9 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto")
     parser.add_argument("--http", choices=("auto", "h11", "httptools"), default="auto")
+    parser.add_argument(
+        "--gc-freeze", action="store_true", help="gc.freeze() in each app after startup"
+    )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk not found (Debian: apt-get install wrk; see scripts/ensure-system-tools)")
@@ -210,9 +216,10 @@ def main() -> None:
         f"# http: uvicorn 1 worker, --loop {loop} --http {http}; wrk -t1 -c{args.connections} "
         f"-d{duration:g}s; {rounds} rounds interleaved; GET /hit adds 2 tiny "
         f"{'async' if args.tasks == 'async' else 'async + sync'} tasks"
+        f"{'; gc.freeze() after startup' if args.gc_freeze else ''}"
     )
     text, checks = report(
-        measure(names, rounds, duration, args.connections, args.tasks, (loop, http))
+        measure(names, rounds, duration, args.connections, args.tasks, (loop, http), args.gc_freeze)
     )
     print(text)
     for label, value, ok in checks:
