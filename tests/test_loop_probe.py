@@ -21,9 +21,11 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 import taskscope
-from taskscope import BackgroundTasks
+from taskscope import BackgroundTasks, _stepping
 from taskscope._probe import _probes, lifespan, probe_for
+from taskscope._run import TaskRun
 from taskscope._runtime import runtime_of
+from taskscope._stepping import StepMonitor, TimedCoroutine
 from tests.conftest import Observed, make_observed
 from tests.scenarios import blocking
 
@@ -220,3 +222,120 @@ def test_lifespan_nested_in_an_app_lifespan() -> None:
     with TestClient(app):
         assert len(watchdogs()) == 1
     assert watchdogs() == []
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def fake_clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    clock = FakeClock()
+    monkeypatch.setattr(_stepping, "clock", clock)
+    return clock
+
+
+async def _suspends_here() -> None:
+    await asyncio.sleep(0)  # suspended here
+
+
+async def _samples_itself(clock: FakeClock, monitor: StepMonitor, delays: list[float]) -> None:
+    clock.now += 0.05
+    delays.append(monitor.sample(0.2))
+    clock.now += 0.1
+    monitor.sample(0.2)  # past the threshold: reported, ongoing
+    monitor.sample(0.2)  # the same step: no second report
+    clock.now += 0.05
+    await asyncio.sleep(0)
+
+
+async def _slow_then_suspend(clock: FakeClock) -> None:
+    clock.now += 0.3
+    await asyncio.sleep(0)  # slow step ends
+
+
+def _run_for(obs: Observed) -> TaskRun:
+    return TaskRun("tests.fake.task", runtime_of(obs.telemetry))
+
+
+def test_watchdog_reports_once_and_the_end_reuses_its_sample(fake_clock: FakeClock) -> None:
+    """Past the threshold the watchdog reports once (ongoing); the step's end completes it."""
+    obs = make_observed(block_threshold=0.1)
+    monitor = StepMonitor(threading.get_ident())
+    delays: list[float] = []
+    coro = _samples_itself(fake_clock, monitor, delays)
+    timed = TimedCoroutine(coro, _run_for(obs), monitor)
+    timed.send(None)  # one step; the watchdog's samples run inside it
+    assert delays[0] == pytest.approx(0.051)  # before the threshold: sleep until it
+    coro.close()
+    events = obs.logs.named("task.loop_blocked")
+    assert [e["ongoing"] for e in events] == [True]
+    assert events[0]["duration_s"] == pytest.approx(0.15)
+    assert obs.value("taskscope_task_loop_blocks_total", task="tests.fake.task") == 1.0
+    assert obs.value("taskscope_task_loop_block_seconds_sum", task="tests.fake.task") == (
+        pytest.approx(0.2)
+    )
+    (ended,) = obs.logs.named("task.loop_unblocked")
+    assert ended["location"] == events[0]["location"]
+
+
+def test_without_a_sample_the_end_blames_where_the_step_stopped(fake_clock: FakeClock) -> None:
+    """No watchdog report (GIL held): the block is logged at the end, at the await it reached."""
+    obs = make_observed(block_threshold=0.1)
+    monitor = StepMonitor(threading.get_ident())
+    coro = _slow_then_suspend(fake_clock)
+    timed = TimedCoroutine(coro, _run_for(obs), monitor)
+    timed.send(None)  # runs to the asyncio.sleep(0): a 0.3 s step, never sampled
+    (event,) = obs.logs.named("task.loop_blocked")
+    assert event["ongoing"] is False
+    assert event["sampled"] is False
+    assert event["duration_s"] == pytest.approx(0.3)
+    with open(__file__) as source:
+        lines = source.read().splitlines()
+    line = next(n for n, text in enumerate(lines, start=1) if text.endswith("# slow step ends"))
+    assert event["location"] == f"{__file__}:{line}"
+    assert obs.value("taskscope_task_loop_blocks_total", task="tests.fake.task") == 1.0
+    coro.close()
+
+
+def test_a_step_that_ends_while_sampled_is_not_reported_twice(fake_clock: FakeClock) -> None:
+    """The watchdog never reports a step that is no longer running (torn reads)."""
+    obs = make_observed(block_threshold=0.1)
+    monitor = StepMonitor(threading.get_ident())
+    coro = _suspends_here()
+    timed = TimedCoroutine(coro, _run_for(obs), monitor)
+    outer = monitor.enter(timed)
+    fake_clock.now += 0.01
+    monitor.exit(timed, outer)
+    fake_clock.now += 1.0  # long after the step ended: nothing current
+    assert monitor.sample(0.05) == 0.05
+    assert obs.logs.named("task.loop_blocked") == []
+    assert _run_for(obs).busy == 0.0
+    coro.close()
+
+
+def test_nested_steps_split_busy_time(fake_clock: FakeClock) -> None:
+    """A step inside another (eager child, nested run): each run gets its own share."""
+    obs = make_observed(block_threshold=10.0)
+    monitor = StepMonitor(threading.get_ident())
+    outer_run, inner_run = _run_for(obs), _run_for(obs)
+    c1, c2 = _suspends_here(), _suspends_here()
+    a, b = TimedCoroutine(c1, outer_run, monitor), TimedCoroutine(c2, inner_run, monitor)
+    top = monitor.enter(a)
+    fake_clock.now += 1.0
+    inner = monitor.enter(b)
+    assert inner is a
+    fake_clock.now += 2.0
+    monitor.exit(b, inner)
+    assert monitor.current is a
+    fake_clock.now += 4.0
+    monitor.exit(a, top)
+    assert monitor.current is None
+    assert inner_run.busy == pytest.approx(2.0)
+    assert outer_run.busy == pytest.approx(5.0)
+    c1.close()
+    c2.close()
