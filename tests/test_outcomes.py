@@ -341,3 +341,30 @@ async def test_asyncio_cancelled_error_from_task_is_cancelled() -> None:
         "tests.test_outcomes.test_asyncio_cancelled_error_from_task_is_cancelled.<locals>.cancel_me"
     )
     assert observed.outcomes() == {(name, "cancelled"): 1}
+
+
+async def test_tasks_of_an_object_never_called_are_skipped(observed: Observed) -> None:
+    """A BackgroundTasks that is never run (response not sent): its tasks end as skipped."""
+    import gc
+
+    tasks = BackgroundTasks(telemetry=observed.telemetry)
+    tasks.add_task(ok)
+    tasks.add_task(sync_ok)
+    del tasks
+    gc.collect()
+    assert observed.outcomes() == {(P + "ok", "skipped"): 1, (P + "sync_ok", "skipped"): 1}
+    reasons = {e["reason"] for e in observed.logs.named("task.skipped")}
+    assert reasons == {"the response carrying it was never sent"}
+
+
+async def test_tasks_run_one_by_one_are_not_counted_again(observed: Observed) -> None:
+    """Tasks awaited individually (not through the object) get one outcome each, no more."""
+    import gc
+
+    tasks = BackgroundTasks(telemetry=observed.telemetry)
+    tasks.add_task(ok)
+    for task in tasks.tasks:
+        await task()
+    del tasks, task
+    gc.collect()
+    assert observed.outcomes() == {(P + "ok", "success"): 1}

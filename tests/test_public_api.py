@@ -32,7 +32,7 @@ def test_import_has_no_side_effects() -> None:
         import prometheus_client
         meta_path = list(sys.meta_path)
         before = set(prometheus_client.REGISTRY._names_to_collectors)
-        import taskscope
+        import taskscope, taskscope.testing, taskscope.exposition, taskscope.otlp
         assert threading.active_count() == 1, threading.enumerate()
         assert sys.meta_path == meta_path
         assert utils.BackgroundTasks is fastapi.background.BackgroundTasks

@@ -412,20 +412,10 @@ def _no_global_provider_change() -> Iterator[None]:
     assert propagate.get_global_textmap() is textmap
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "known gap: tasks added to a response that is never sent (the endpoint raises after "
-        "add_task) are dropped by Starlette/FastAPI and recorded nowhere; needs a decision "
-        "on the outcome (e.g. 'skipped' from a finalizer of the unrun BackgroundTasks)"
-    ),
-)
 def test_tasks_of_a_response_never_sent_end_in_an_outcome(observed: Observed) -> None:
     """FastAPI endpoint adds a task, then raises HTTPException: the task never runs; the
     promise says it still ends in exactly one recorded outcome."""
     from fastapi import FastAPI, HTTPException
-
-    import taskscope
 
     app = FastAPI()
 
@@ -433,7 +423,7 @@ def test_tasks_of_a_response_never_sent_end_in_an_outcome(observed: Observed) ->
         pass
 
     @app.get("/")
-    async def endpoint(tasks: taskscope.BackgroundTasks) -> str:
+    async def endpoint(tasks: BackgroundTasks) -> str:
         tasks.add_task(job)
         raise HTTPException(400)
 
@@ -442,6 +432,8 @@ def test_tasks_of_a_response_never_sent_end_in_an_outcome(observed: Observed) ->
         assert client.get("/").status_code == 400
     gc.collect()
     assert sum(_by_outcome(observed).values()) == 1
+    (skipped,) = [e for e in observed.logs.events if e["event"] == "task.skipped"]
+    assert skipped["reason"] == "the response carrying it was never sent"
 
 
 class _RaisingLogger:

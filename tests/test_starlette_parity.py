@@ -124,7 +124,7 @@ def test_response_sent_before_failure_is_seen(observed: Observed, anyio_backend:
     assert response.text == "sent"
 
 
-def test_attributes_are_starlettes() -> None:
+def test_attributes_are_starlettes(observed: Observed) -> None:
     """tasks, func, args, kwargs and is_async behave exactly as Starlette's."""
 
     async def coro_fn(a: int, b: int = 0) -> None: ...
@@ -134,7 +134,7 @@ def test_attributes_are_starlettes() -> None:
     class AsyncCallable:
         async def __call__(self) -> None: ...
 
-    tasks = BackgroundTasks()
+    tasks = BackgroundTasks(telemetry=observed.telemetry)
     tasks.add_task(coro_fn, 1, b=2)
     tasks.add_task(plain, 3)
     tasks.add_task(functools.partial(coro_fn, 4))

@@ -18,17 +18,19 @@ from taskscope._instrumentor import (
     uninstrument,
 )
 from taskscope._naming import task_name
-from taskscope._probe import start_loop_probe
+from taskscope._probe import lifespan, start_loop_probe
 from taskscope._record import BlockRecord, Outcome, TaskRecord
 from taskscope._redact import redact_secrets
 
 if TYPE_CHECKING:
     from taskscope._background import BackgroundTask, BackgroundTasks
+    from taskscope.exposition import MetricsApp, start_metrics_server
 
 __all__ = (
     "BackgroundTask",
     "BackgroundTasks",
     "BlockRecord",
+    "MetricsApp",
     "Outcome",
     "SpanMode",
     "TaskRecord",
@@ -37,8 +39,10 @@ __all__ = (
     "TelemetryMiddleware",
     "instrument",
     "instrument_app",
+    "lifespan",
     "redact_secrets",
     "start_loop_probe",
+    "start_metrics_server",
     "task_name",
     "uninstrument",
 )
@@ -52,6 +56,12 @@ def __getattr__(name: str) -> Any:
 
         _fastapi.ensure_bound()
         value = getattr(_background, name)
+        globals()[name] = value
+        return value
+    if name in ("MetricsApp", "start_metrics_server"):
+        from taskscope import exposition
+
+        value = getattr(exposition, name)
         globals()[name] = value
         return value
     if name == "__version__":

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ParamSpec
 
 from starlette.background import BackgroundTask as StarletteBackgroundTask
 from starlette.background import BackgroundTasks as StarletteBackgroundTasks
 
-from taskscope._run import capture, run_tasks
+from taskscope._run import capture, record_never_run, run_tasks
 from taskscope._runtime import runtime_of
 
 if TYPE_CHECKING:
@@ -64,6 +65,7 @@ class BackgroundTasks(StarletteBackgroundTasks):
         super().__init__(tasks)
         self._telemetry = telemetry
         self._warned_size = False
+        self._called = False
 
     def add_task(self, func: Callable[P, Any], *args: P.args, **kwargs: P.kwargs) -> None:
         _check_callable(func)
@@ -86,4 +88,13 @@ class BackgroundTasks(StarletteBackgroundTasks):
             )
 
     async def __call__(self) -> None:
+        self._called = True
         await run_tasks(self.tasks, self._telemetry)
+
+    def __del__(self) -> None:
+        # Never called: the response was not sent (the endpoint raised after add_task) or
+        # carried its own background. Starlette loses these tasks silently; record them.
+        if getattr(self, "_called", True) or not getattr(self, "tasks", None):
+            return
+        with contextlib.suppress(Exception):  # a finalizer must never raise
+            record_never_run(self.tasks, self._telemetry)

@@ -38,7 +38,7 @@ class Capture:
     runs, so creating tasks touches no global state.
     """
 
-    __slots__ = ("_name", "context", "func", "telemetry")
+    __slots__ = ("_name", "accounted", "context", "func", "telemetry")
 
     def __init__(
         self, func: Callable[..., Any], telemetry: Telemetry | None, context: Context
@@ -47,6 +47,7 @@ class Capture:
         self.telemetry = telemetry
         self.context = context
         self._name: str | None = None
+        self.accounted = False  # run_tasks took it: it will end in an outcome there
 
     def resolve(self, explicit: Telemetry | None) -> Telemetry:
         if self.telemetry is None:
@@ -137,6 +138,7 @@ async def run_tasks(
     keep_going = first.continue_on_error if continue_on_error is None else continue_on_error
     sent_at = first.clock()
     for task, cap in zip(tasks, captures, strict=True):
+        cap.accounted = True
         runtime_of(cap.resolve(explicit)).track(id(task), cap.name, 0.0)
     error: Exception | None = None
     index = 0
@@ -160,8 +162,25 @@ async def run_tasks(
         raise error
 
 
+def record_never_run(tasks: Sequence[BackgroundTask], explicit: Telemetry | None) -> None:
+    """Tasks of a ``BackgroundTasks`` that was never run: the endpoint raised after
+    ``add_task``, or the response carried other background tasks. Starlette drops them
+    silently; they are recorded as ``skipped`` so every task added ends in an outcome."""
+    pending = [(task, cap) for task in tasks if not (cap := capture_of(task, explicit)).accounted]
+    if pending:
+        _record_not_run(
+            [task for task, _ in pending],
+            [cap for _, cap in pending],
+            "skipped",
+            reason="the response carrying it was never sent",
+        )
+
+
 def _record_not_run(
-    tasks: Sequence[BackgroundTask], captures: list[Capture], outcome: Outcome
+    tasks: Sequence[BackgroundTask],
+    captures: list[Capture],
+    outcome: Outcome,
+    reason: str | None = None,
 ) -> None:
     for task, cap in zip(tasks, captures, strict=True):
         runtime = runtime_of(cap.resolve(None))
@@ -176,6 +195,7 @@ def _record_not_run(
                 0.0,
                 None,
                 trace_id=trace_id,
+                reason=reason,
             )
         )
 
@@ -185,12 +205,13 @@ async def run_one(task: BackgroundTask, cap: Capture, sent_at: float) -> None:
     telemetry = cap.resolve(None)
     runtime = runtime_of(telemetry)
     clock = telemetry.clock
-    run = TaskRun(cap.name, runtime)
+    name = cap.name
+    run = TaskRun(name, runtime)
     sync = not task.is_async
     start = clock()
-    runtime.track(id(task), cap.name, start)
+    runtime.track(id(task), name, start)
     span, token = _start_span(runtime, run, cap, sync, start - sent_at)
-    runtime.task_started(cap.name)
+    runtime.task_started(name)
     outcome: Outcome = "success"
     error: BaseException | None = None
     thread_started: list[float] = []
@@ -209,7 +230,7 @@ async def run_one(task: BackgroundTask, cap: Capture, sent_at: float) -> None:
         # thread is recorded separately); never started in a thread: it did not run.
         ran_from = thread_started[0] if thread_started else (end if sync else start)
         runtime.untrack(id(task))
-        runtime.task_finished(cap.name)
+        runtime.task_finished(name)
         error_type = error_message = None
         if error is not None:
             error_type = type(error).__name__
@@ -218,7 +239,7 @@ async def run_one(task: BackgroundTask, cap: Capture, sent_at: float) -> None:
             _end_span(runtime, span, token, outcome, error, error_type, error_message)
         runtime.record(
             TaskRecord(
-                cap.name,
+                name,
                 outcome,
                 sync,
                 end - ran_from,
@@ -308,11 +329,11 @@ def _start_span(
             links = [Link(parent)] if parent.is_valid else None
             parent_context = otel_context.Context()
         span = tracer.start_span(
-            f"background_task {cap.name}",
+            f"background_task {run.name}",
             context=parent_context,
             kind=SpanKind.INTERNAL,
             attributes={
-                "code.function.name": cap.name,
+                "code.function.name": run.name,
                 "taskscope.task.sync": sync,
                 "taskscope.task.wait_s": wait,
             },

@@ -196,12 +196,11 @@ class Runtime:
 
     # -- accounting of tasks not yet ended ------------------------------------------------
     def track(self, key: int, name: str, start: float) -> None:
-        with self._inflight_lock:
-            self.inflight[key] = (name, start)
+        # Single dict operations are atomic under the GIL: no lock on the hot path.
+        self.inflight[key] = (name, start)
 
     def untrack(self, key: int) -> None:
-        with self._inflight_lock:
-            self.inflight.pop(key, None)
+        self.inflight.pop(key, None)
 
     def abandon_inflight(self) -> dict[str, int]:
         """Record every task not ended yet as ``abandoned`` (called at interpreter exit)."""

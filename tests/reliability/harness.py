@@ -174,7 +174,7 @@ async def _load(base: str, paths: Sequence[str], concurrency: int) -> LoadResult
     for path in paths:
         queue.put_nowait(path)
 
-    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=60) as client:
+    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=10) as client:
 
         async def worker() -> None:
             while True:
@@ -213,7 +213,7 @@ async def _paced(base: str, path: str | Sequence[str], rate: float, count: int) 
     limits = httpx.Limits(max_connections=50, max_keepalive_connections=50)
     statuses: Counter[int] = Counter()
     latencies: list[float] = []
-    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=60) as client:
+    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=10) as client:
         began = time.perf_counter()
 
         async def one(index: int) -> None:

@@ -27,7 +27,7 @@ class LogEvents:
             self._logger.warning(
                 "task.skipped",
                 task=record.name,
-                reason="an earlier task of the same response failed",
+                reason=record.reason or "an earlier task of the same response failed",
                 trace_id=record.trace_id,
                 span_id=record.span_id,
             )
