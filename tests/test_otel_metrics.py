@@ -56,3 +56,15 @@ async def test_otel_metrics_mirror_prometheus(observed: Observed) -> None:
     (failure,) = metrics["taskscope.task.failures"].data.data_points
     assert failure.attributes["error_type"] == "OSError"
     assert "taskscope.tasks.in_progress" in metrics
+
+
+def test_no_sdk_configured_skips_otel_metrics() -> None:
+    """With only the API's default meter provider, the OTel copies are not computed."""
+    from prometheus_client import CollectorRegistry
+
+    from taskscope import Telemetry
+    from taskscope._runtime import runtime_of
+
+    runtime = runtime_of(Telemetry(registry=CollectorRegistry(), span_mode="off"))
+    assert runtime.otel_metrics is None
+    assert runtime.prometheus is not None

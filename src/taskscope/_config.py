@@ -37,7 +37,8 @@ class Telemetry:
     meter_provider: MeterProvider | None = None
     """OpenTelemetry meter provider for the OTel copies of the metrics (default: global)."""
     otel_metrics: bool = True
-    """Record the metrics through the OpenTelemetry metrics API as well."""
+    """Record the metrics through the OpenTelemetry metrics API as well (skipped when no
+    meter provider is configured at the first task: the API's default does nothing)."""
     span_mode: SpanMode = "child"
     """``child``: the task span is a child of the request span; ``link``: a new trace
     linked to it (use when incoming trace context is not trusted); ``off``: no spans."""

@@ -98,8 +98,9 @@ class Runtime:
                 from taskscope._signals.otel_metrics import OtelMetrics
 
                 provider = t.meter_provider or metrics.get_meter_provider()
-                self.otel_metrics = OtelMetrics(provider)
-                self._sinks.append(("otel_metrics", self.otel_metrics))
+                if t.meter_provider is not None or not _unconfigured(provider):
+                    self.otel_metrics = OtelMetrics(provider)
+                    self._sinks.append(("otel_metrics", self.otel_metrics))
             except Exception:
                 self.absorbed_errors += 1
                 self._count_error("otel_metrics")
@@ -229,6 +230,19 @@ class Runtime:
             except Exception:
                 self._count_error("logging")
         return dict(names)
+
+
+def _unconfigured(provider: object) -> bool:
+    """The API's default provider: no SDK was set up, the instruments would do nothing.
+
+    Checked once, when the runtime is created (at the first task): configure the SDK's
+    global meter provider at startup, or pass ``meter_provider`` explicitly.
+    """
+    cls = type(provider)
+    return cls.__module__.startswith("opentelemetry.metrics") and cls.__name__ in (
+        "_ProxyMeterProvider",
+        "NoOpMeterProvider",
+    )
 
 
 class _ExitWatch:
