@@ -15,28 +15,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from prometheus_client import CollectorRegistry
 
 from taskscope import Telemetry
+from taskscope.testing import ListLogger
 
-
-class LogRecorder:
-    """A structlog-compatible logger that keeps every event (taskscope calls it directly)."""
-
-    def __init__(self) -> None:
-        self.events: list[dict[str, Any]] = []
-
-    def _log(self, level: str, event: str, **kw: Any) -> None:
-        self.events.append({"event": event, "level": level, **kw})
-
-    def info(self, event: str, **kw: Any) -> None:
-        self._log("info", event, **kw)
-
-    def warning(self, event: str, **kw: Any) -> None:
-        self._log("warning", event, **kw)
-
-    def error(self, event: str, **kw: Any) -> None:
-        self._log("error", event, **kw)
-
-    def named(self, event: str) -> list[dict[str, Any]]:
-        return [e for e in self.events if e["event"] == event]
+LogRecorder = ListLogger  # taskscope calls logger.info/warning/error(event, **fields)
 
 
 @dataclass

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from taskscope._config import Telemetry
     from taskscope._runtime import Runtime
 
-__all__ = ("Captured", "Guard", "assert_no_blocking", "capture")
+__all__ = ("Captured", "Guard", "ListLogger", "assert_no_blocking", "capture")
 
 
 class Captured:
@@ -184,7 +184,7 @@ class Guard:
         self.logs: list[dict[str, Any]] = []
         options.setdefault("span_mode", "off")
         options.setdefault("otel_metrics", False)
-        self.telemetry = Telemetry(registry=self.registry, logger=_ListLogger(self.logs), **options)
+        self.telemetry = Telemetry(registry=self.registry, logger=ListLogger(self.logs), **options)
         self.allow_blocking = False
         self.allow_failures = False
         self.captured = Captured()
@@ -206,11 +206,15 @@ class Guard:
             raise AssertionError("taskscope_guard:\n  " + "\n  ".join(problems))
 
 
-class _ListLogger:
-    """A structlog-compatible logger that keeps each event as a dict."""
+class ListLogger:
+    """A structlog-compatible logger that keeps each event as a dict (``Telemetry(logger=)``)."""
 
-    def __init__(self, events: list[dict[str, Any]]) -> None:
-        self.events = events
+    def __init__(self, events: list[dict[str, Any]] | None = None) -> None:
+        self.events: list[dict[str, Any]] = [] if events is None else events
+
+    def named(self, event: str) -> list[dict[str, Any]]:
+        """The recorded events called ``event`` (e.g. ``"task.failed"``)."""
+        return [e for e in self.events if e["event"] == event]
 
     def _log(self, level: str, event: str, **kw: Any) -> None:
         self.events.append({"event": event, "level": level, **kw})
