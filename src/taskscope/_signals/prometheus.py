@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 from typing import TYPE_CHECKING, Any
@@ -14,9 +15,7 @@ from taskscope._signals._buckets import BLOCK_SECONDS, LAG_SECONDS, TASK_SECONDS
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
-_by_registry: weakref.WeakKeyDictionary[CollectorRegistry, PrometheusMetrics] = (
-    weakref.WeakKeyDictionary()
-)
+_by_registry: weakref.WeakKeyDictionary[CollectorRegistry, Any] = weakref.WeakKeyDictionary()
 _by_registry_lock = threading.Lock()
 
 SIGNALS = ("prometheus", "otel_metrics", "tracing", "logging", "loop_probe")
@@ -36,12 +35,23 @@ METRIC_NAMES = (
 )
 
 
-def metrics_for(registry: CollectorRegistry) -> PrometheusMetrics:
-    """The metrics on ``registry``, created on first use (no duplicate registrations)."""
+def metrics_for(registry: CollectorRegistry) -> Any:
+    """The metrics on ``registry``, created on first use (no duplicate registrations).
+
+    Single process: :class:`~taskscope._signals.prometheus_fast.FastMetrics` (values kept
+    in plain Python, turned into families at scrape time). In prometheus_client's
+    multiprocess mode (``PROMETHEUS_MULTIPROC_DIR`` set when the first task runs), its
+    metric objects, whose values live in the shared files.
+    """
     with _by_registry_lock:
         metrics = _by_registry.get(registry)
         if metrics is None:
-            metrics = PrometheusMetrics(registry)
+            if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+                metrics = PrometheusMetrics(registry)
+            else:
+                from taskscope._signals.prometheus_fast import FastMetrics
+
+                metrics = FastMetrics(registry)
             _by_registry[registry] = metrics
         return metrics
 
@@ -145,9 +155,12 @@ class PrometheusMetrics:
         key = (name, outcome)
         children = self._by_outcome.get(key)
         if children is None:
+            # The duration child is only created for outcomes that ran (no empty series
+            # for skipped tasks, which histogram_quantile would turn into NaN).
+            ran = outcome not in ("skipped", "abandoned")
             children = self._by_outcome[key] = (
                 self.tasks.labels(task=name, outcome=outcome),
-                self.duration.labels(task=name, outcome=outcome),
+                self.duration.labels(task=name, outcome=outcome) if ran else None,
             )
         return children
 
@@ -163,6 +176,8 @@ class PrometheusMetrics:
         total.inc()
         if record.duration == 0.0 and record.outcome in ("skipped", "abandoned"):
             return
+        if duration is None:  # abandoned at exit after running for a while
+            duration = self.duration.labels(task=name, outcome=record.outcome)
         if record.trace_id:
             duration.observe(record.duration, {"trace_id": record.trace_id})
         else:

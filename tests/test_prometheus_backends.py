@@ -1,0 +1,90 @@
+"""The fast single-process metrics expose exactly what prometheus_client's objects would."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
+
+from taskscope._record import BlockRecord, TaskRecord
+from taskscope._signals.prometheus import PrometheusMetrics
+from taskscope._signals.prometheus_fast import FastMetrics
+
+RECORDS = [
+    TaskRecord("app.send", "success", False, 0.0042, 0.001, trace_id="ab" * 16, loop_busy=0.004),
+    TaskRecord("app.send", "failure", False, 0.3, 0.0, error_type="OSError", loop_busy=0.3),
+    TaskRecord("app.log", "skipped", True, 0.0, None),
+    TaskRecord("app.log", "success", True, 1.0, 0.25, thread_wait=0.1),
+    TaskRecord("app.log", "success", True, 0.1, 0.5, thread_wait=0.001),  # on a bucket bound
+    TaskRecord("app.slow", "cancelled", False, 999.0, 0.0, error_type="CancelledError"),
+    TaskRecord("app.gone", "abandoned", True, 0.0, None),
+]
+BLOCK = BlockRecord("app.send", 0.3, "app.py:3", ("app.py:3 in send",), True, False, "cd" * 16)
+
+
+def _feed(metrics: object) -> None:
+    for record in RECORDS:
+        metrics.task_started(record.name)  # type: ignore[attr-defined]
+        metrics.record(record)  # type: ignore[attr-defined]
+        metrics.task_finished(record.name)  # type: ignore[attr-defined]
+    metrics.task_started("app.running")  # type: ignore[attr-defined]
+    metrics.block_detected(BLOCK)  # type: ignore[attr-defined]
+    metrics.block_ended(BLOCK)  # type: ignore[attr-defined]
+    for lag in (0.0001, 0.02, 3.0):
+        metrics.lag(lag)  # type: ignore[attr-defined]
+    metrics.warning("app.send", "coroutine_not_awaited")  # type: ignore[attr-defined]
+    metrics.instrumentation_error("logging")  # type: ignore[attr-defined]
+
+
+def _without_created(text: bytes) -> list[str]:
+    """Sample lines, minus prometheus_client's _created series and exemplar timestamps."""
+    lines = []
+    for line in text.decode().splitlines():
+        if "_created" in line:
+            continue
+        if " # {" in line:  # exemplar: keep labels and value, drop the timestamp
+            head, exemplar = line.split(" # ", 1)
+            line = head + " # " + " ".join(exemplar.split(" ")[:2])
+        lines.append(line)
+    return sorted(lines)
+
+
+def test_same_exposition_as_prometheus_client() -> None:
+    """Text and OpenMetrics output are identical (samples, labels, buckets, exemplars)."""
+    reference_registry, fast_registry = CollectorRegistry(), CollectorRegistry()
+    _feed(PrometheusMetrics(reference_registry))
+    _feed(FastMetrics(fast_registry))
+    for render in (generate_latest, generate_openmetrics):
+        assert _without_created(render(fast_registry)) == _without_created(
+            render(reference_registry)
+        )
+
+
+def test_concurrent_updates_are_not_lost() -> None:
+    """Records from several threads at once: every increment counted."""
+    registry = CollectorRegistry()
+    metrics = FastMetrics(registry)
+    record = TaskRecord("app.t", "success", True, 0.01, 0.0)
+
+    def hammer() -> None:
+        for _ in range(5000):
+            metrics.record(record)
+
+    threads = [threading.Thread(target=hammer) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    labels = {"task": "app.t", "outcome": "success"}
+    assert registry.get_sample_value("taskscope_tasks_total", labels) == 20000
+    assert registry.get_sample_value("taskscope_task_duration_seconds_count", labels) == 20000
+
+
+def test_taken_names_are_refused() -> None:
+    """Registering on a registry that already has taskscope's names raises (sink off)."""
+    registry = CollectorRegistry()
+    PrometheusMetrics(registry)
+    with pytest.raises(ValueError, match="Duplicated timeseries"):
+        FastMetrics(registry)
