@@ -368,3 +368,21 @@ async def test_tasks_run_one_by_one_are_not_counted_again(observed: Observed) ->
     del tasks, task
     gc.collect()
     assert observed.outcomes() == {(P + "ok", "success"): 1}
+
+
+async def test_task_added_by_a_running_task_runs_and_is_counted(observed: Observed) -> None:
+    """As in Starlette, a task appended while the tasks run is run too, and counted."""
+    tasks = BackgroundTasks(telemetry=observed.telemetry)
+    ran: list[str] = []
+
+    async def second() -> None:
+        ran.append("second")
+
+    async def first() -> None:
+        ran.append("first")
+        tasks.add_task(second)
+
+    tasks.add_task(first)
+    await tasks()
+    assert ran == ["first", "second"]
+    assert sum(observed.outcomes().values()) == 2

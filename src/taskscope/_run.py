@@ -130,36 +130,52 @@ async def run_tasks(
     *,
     continue_on_error: bool | None = None,
 ) -> None:
-    """Run tasks one after another, as Starlette does, recording each one's outcome."""
-    captures = [capture_of(task, explicit) for task in tasks]
-    if not captures:
+    """Run tasks one after another, as Starlette does, recording each one's outcome.
+
+    Like Starlette's loop over ``self.tasks``, a task appended while the tasks run (by a
+    task itself) runs too, and is accounted for from the moment it is seen.
+    """
+    if not tasks:
         return
+    captures: list[Capture] = []
+    _account(tasks, captures, explicit)
     first = captures[0].resolve(explicit)
     keep_going = first.continue_on_error if continue_on_error is None else continue_on_error
     sent_at = first.clock()
-    for task, cap in zip(tasks, captures, strict=True):
-        cap.accounted = True
-        runtime_of(cap.resolve(explicit)).track(id(task), cap.name, 0.0)
     error: Exception | None = None
     index = 0
     try:
-        for index, (task, cap) in enumerate(zip(tasks, captures, strict=True)):  # noqa: B007
+        while index < len(tasks):
             if error is not None and not keep_going:
                 break
             try:
-                await run_one(task, cap, sent_at)
+                await run_one(tasks[index], captures[index], sent_at)
             except Exception as exc:
                 if error is None:
                     error = exc
-        else:
-            index = len(tasks)
+            index += 1
+            if len(tasks) > len(captures):
+                _account(tasks, captures, explicit)
     except BaseException:
         # Cancelled (shutdown) or interrupted: the tasks that never started are abandoned.
+        _account(tasks, captures, explicit)
         _record_not_run(tasks[index + 1 :], captures[index + 1 :], "abandoned")
         raise
-    _record_not_run(tasks[index:], captures[index:], "skipped")
+    if index < len(tasks):
+        _record_not_run(tasks[index:], captures[index:], "skipped")
     if error is not None:
         raise error
+
+
+def _account(
+    tasks: Sequence[BackgroundTask], captures: list[Capture], explicit: Telemetry | None
+) -> None:
+    """Capture and track the tasks not seen yet: from now on each ends in an outcome."""
+    for task in tasks[len(captures) :]:
+        cap = capture_of(task, explicit)
+        cap.accounted = True
+        runtime_of(cap.resolve(explicit)).track(id(task), cap.name, 0.0)
+        captures.append(cap)
 
 
 def record_never_run(tasks: Sequence[BackgroundTask], explicit: Telemetry | None) -> None:
