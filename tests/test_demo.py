@@ -61,6 +61,8 @@ def test_final_summary_attributes_each_kind_of_trouble(tmp_path: Path) -> None:
             "0",
             "--rate",
             "30",
+            "--svg",
+            "view.svg",
         ],
         capture_output=True,
         text=True,
@@ -74,6 +76,9 @@ def test_final_summary_attributes_each_kind_of_trouble(tmp_path: Path) -> None:
     assert re.search(r"metrics: http://127\.0\.0\.1:\d+/metrics", output)
     assert "docker compose -f deploy/docker-compose.yml up" in output
     assert "background tasks (last" in output  # a periodic summary before the end
+    svg = (tmp_path / "view.svg").read_text()  # --svg: the live view, drawn by rich
+    assert svg.startswith("<svg")
+    assert "resize_thumbnail" in svg
     summary = section(output, "taskscope demo: final summary (finished after")
     found = section(summary, "what taskscope found:")
 
@@ -229,7 +234,7 @@ def test_help_lists_the_flags(capsys: pytest.CaptureFixture[str]) -> None:
         main(["demo", "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("--duration", "--port", "--host", "--rate", "--no-load", "--interval"):
+    for flag in ("--duration", "--port", "--host", "--rate", "--no-load", "--interval", "--svg"):
         assert flag in text
     assert main([]) == 2
     assert "demo" in capsys.readouterr().out

@@ -46,6 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-load", action="store_true", help="serve only; send requests yourself (curl, wrk)"
     )
     parser.add_argument(
+        "--svg", default=None, metavar="PATH",
+        help="also save the final view, as the live view draws it, to an SVG file",
+    )  # fmt: skip
+    parser.add_argument(
         "--interval", type=float, default=None, metavar="SECONDS",
         help="refresh every SECONDS (default: 1 on a terminal, 5 otherwise)",
     )  # fmt: skip
@@ -211,7 +215,22 @@ def run(args: argparse.Namespace) -> int:
     )
     title = f"taskscope demo: final summary ({how} after {elapsed:.1f} s, whole run)"
     print(plain(session.frame(title, footer, whole_run=True), final=True), flush=True)
+    if args.svg:
+        _save_svg(args.svg, session.frame(f"background tasks ({elapsed:.0f} s)", whole_run=True))
     return 0
+
+
+def _save_svg(path: str, frame: Any) -> None:
+    """Draw the live view of ``frame`` into an SVG file (rich's own export)."""
+    import io
+
+    from rich.console import Console
+
+    from taskscope.demo.view import rich_view
+
+    console = Console(record=True, width=100, file=io.StringIO(), force_terminal=True)
+    console.print(rich_view(frame))
+    console.save_svg(path, title="taskscope demo")
 
 
 def _join(thread: threading.Thread, timeout: float) -> None:
