@@ -142,7 +142,13 @@ def _check_exact_counts(client: httpx.Client, requests: int) -> None:
         families = _scrape(client)
         totals = families.get("taskscope_tasks_total", {})
         in_progress = families.get("taskscope_tasks_in_progress", {})
-        settled = sum(totals.values()) == expected and not any(in_progress.values())
+        counts = families.get("taskscope_task_duration_seconds_count", {})
+        # A record updates the counter, then the histogram: a scrape can fall in between.
+        settled = (
+            sum(totals.values()) == expected
+            and sum(counts.values()) == expected
+            and not any(in_progress.values())
+        )
         if settled or time.monotonic() > deadline:
             break
         time.sleep(0.1)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import Counter, Gauge, Histogram
 
 from taskscope._record import BlockRecord, TaskRecord
-from taskscope._signals._buckets import BLOCK_SECONDS, LAG_SECONDS, TASK_SECONDS
+from taskscope._signals._families import FAMILIES
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -57,86 +57,43 @@ def metrics_for(registry: CollectorRegistry) -> Any:
 
 
 class PrometheusMetrics:
-    """The metric families; see the README's metrics table."""
+    """prometheus_client's metric objects (multiprocess mode); see the README's table."""
+
+    tasks: Counter
+    failures: Counter
+    duration: Histogram
+    wait: Histogram
+    thread_wait: Histogram
+    in_progress: Gauge
+    loop_lag: Histogram
+    loop_blocks: Counter
+    loop_block_seconds: Histogram
+    loop_busy: Counter
+    warnings: Counter
+    instrumentation_errors: Counter
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.tasks = Counter(
-            "taskscope_tasks",
-            "Background tasks by final outcome (every task added ends in exactly one).",
-            ["task", "outcome"],
-            registry=registry,
-        )
-        self.failures = Counter(
-            "taskscope_task_failures",
-            "Background task failures by exception class.",
-            ["task", "error_type"],
-            registry=registry,
-        )
-        self.duration = Histogram(
-            "taskscope_task_duration_seconds",
-            "Run time of background tasks.",
-            ["task", "outcome"],
-            buckets=TASK_SECONDS,
-            registry=registry,
-        )
-        self.wait = Histogram(
-            "taskscope_task_wait_seconds",
-            "Time from the response being sent to the task starting (head-of-line wait).",
-            ["task"],
-            buckets=TASK_SECONDS,
-            registry=registry,
-        )
-        self.thread_wait = Histogram(
-            "taskscope_task_thread_wait_seconds",
-            "Time sync tasks waited for a free worker thread (threadpool pressure).",
-            ["task"],
-            buckets=TASK_SECONDS,
-            registry=registry,
-        )
-        self.in_progress = Gauge(
-            "taskscope_tasks_in_progress",
-            "Background tasks running now.",
-            ["task"],
-            multiprocess_mode="livesum",
-            registry=registry,
-        )
-        self.loop_lag = Histogram(
-            "taskscope_event_loop_lag_seconds",
-            "How late the event loop's heartbeat fired.",
-            buckets=LAG_SECONDS,
-            registry=registry,
-        )
-        self.loop_blocks = Counter(
-            "taskscope_task_loop_blocks",
-            "Steps of async tasks that held the event loop longer than the threshold.",
-            ["task"],
-            registry=registry,
-        )
-        self.loop_block_seconds = Histogram(
-            "taskscope_task_loop_block_seconds",
-            "Duration of the steps that blocked the event loop.",
-            ["task"],
-            buckets=BLOCK_SECONDS,
-            registry=registry,
-        )
-        self.loop_busy = Counter(
-            "taskscope_task_loop_busy_seconds",
-            "Seconds async tasks held the event loop (sum of their steps).",
-            ["task"],
-            registry=registry,
-        )
-        self.warnings = Counter(
-            "taskscope_task_warnings",
-            "Misuse flagged by taskscope (e.g. a sync task returning a coroutine).",
-            ["task", "kind"],
-            registry=registry,
-        )
-        self.instrumentation_errors = Counter(
-            "taskscope_instrumentation_errors",
-            "Errors inside taskscope's own instrumentation, absorbed so tasks are not lost.",
-            ["signal"],
-            registry=registry,
-        )
+        for spec in FAMILIES:
+            metric: Counter | Histogram | Gauge
+            if spec.kind == "counter":
+                metric = Counter(spec.name, spec.documentation, spec.labels, registry=registry)
+            elif spec.kind == "histogram":
+                metric = Histogram(
+                    spec.name,
+                    spec.documentation,
+                    spec.labels,
+                    buckets=spec.buckets,
+                    registry=registry,
+                )
+            else:
+                metric = Gauge(
+                    spec.name,
+                    spec.documentation,
+                    spec.labels,
+                    multiprocess_mode="livesum",
+                    registry=registry,
+                )
+            setattr(self, spec.attribute, metric)
         for signal in SIGNALS:  # zero from the first scrape, so rate() works
             self.instrumentation_errors.labels(signal=signal)
         self._by_name: dict[str, _NameChildren] = {}

@@ -26,7 +26,7 @@ from prometheus_client.samples import Exemplar
 from prometheus_client.utils import floatToGoString
 
 from taskscope._record import BlockRecord, TaskRecord
-from taskscope._signals._buckets import BLOCK_SECONDS, LAG_SECONDS, TASK_SECONDS
+from taskscope._signals._families import FAMILIES
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -112,73 +112,44 @@ class _CounterFamily:
         return family
 
 
+class _GaugeFamily(_CounterFamily):
+    def family(self) -> Metric:
+        family = GaugeMetricFamily(self.name, self.documentation, labels=self.labels)
+        for key, value in list(self.values.items()):
+            family.add_metric(list(key), value)
+        return family
+
+
 class FastMetrics:
     """Same interface as ``PrometheusMetrics``; registered as a single collector."""
 
+    tasks: _CounterFamily
+    failures: _CounterFamily
+    duration: _HistogramFamily
+    wait: _HistogramFamily
+    thread_wait: _HistogramFamily
+    in_progress: _GaugeFamily
+    loop_lag: _HistogramFamily
+    loop_blocks: _CounterFamily
+    loop_block_seconds: _HistogramFamily
+    loop_busy: _CounterFamily
+    warnings: _CounterFamily
+    instrumentation_errors: _CounterFamily
+
     def __init__(self, registry: CollectorRegistry) -> None:
         self._lock = threading.Lock()
-        self.tasks = _CounterFamily(
-            "taskscope_tasks",
-            "Background tasks by final outcome (every task added ends in exactly one).",
-            ["task", "outcome"],
-        )
-        self.failures = _CounterFamily(
-            "taskscope_task_failures",
-            "Background task failures by exception class.",
-            ["task", "error_type"],
-        )
-        self.duration = _HistogramFamily(
-            "taskscope_task_duration_seconds",
-            "Run time of background tasks.",
-            ["task", "outcome"],
-            TASK_SECONDS,
-        )
-        self.wait = _HistogramFamily(
-            "taskscope_task_wait_seconds",
-            "Time from the response being sent to the task starting (head-of-line wait).",
-            ["task"],
-            TASK_SECONDS,
-        )
-        self.thread_wait = _HistogramFamily(
-            "taskscope_task_thread_wait_seconds",
-            "Time sync tasks waited for a free worker thread (threadpool pressure).",
-            ["task"],
-            TASK_SECONDS,
-        )
-        self.in_progress: dict[Key, float] = {}
-        self.loop_lag = _HistogramFamily(
-            "taskscope_event_loop_lag_seconds",
-            "How late the event loop's heartbeat fired.",
-            [],
-            LAG_SECONDS,
-        )
-        self.loop_lag.children[()] = _Histogram(len(LAG_SECONDS) + 1)  # present from start
-        self.loop_blocks = _CounterFamily(
-            "taskscope_task_loop_blocks",
-            "Steps of async tasks that held the event loop longer than the threshold.",
-            ["task"],
-        )
-        self.loop_block_seconds = _HistogramFamily(
-            "taskscope_task_loop_block_seconds",
-            "Duration of the steps that blocked the event loop.",
-            ["task"],
-            BLOCK_SECONDS,
-        )
-        self.loop_busy = _CounterFamily(
-            "taskscope_task_loop_busy_seconds",
-            "Seconds async tasks held the event loop (sum of their steps).",
-            ["task"],
-        )
-        self.warnings = _CounterFamily(
-            "taskscope_task_warnings",
-            "Misuse flagged by taskscope (e.g. a sync task returning a coroutine).",
-            ["task", "kind"],
-        )
-        self.instrumentation_errors = _CounterFamily(
-            "taskscope_instrumentation_errors",
-            "Errors inside taskscope's own instrumentation, absorbed so tasks are not lost.",
-            ["signal"],
-        )
+        self._families: list[_CounterFamily | _HistogramFamily] = []
+        for spec in FAMILIES:
+            family: _CounterFamily | _HistogramFamily
+            if spec.kind == "counter":
+                family = _CounterFamily(spec.name, spec.documentation, spec.labels)
+            elif spec.kind == "histogram":
+                family = _HistogramFamily(spec.name, spec.documentation, spec.labels, spec.buckets)
+            else:
+                family = _GaugeFamily(spec.name, spec.documentation, spec.labels)
+            setattr(self, spec.attribute, family)
+            self._families.append(family)
+        self.loop_lag.children[()] = _Histogram(len(self.loop_lag.bounds) + 1)  # from start
         from taskscope._signals.prometheus import SIGNALS
 
         for signal in SIGNALS:  # zero from the first scrape, so rate() works
@@ -187,67 +158,27 @@ class FastMetrics:
 
     # -- the collector ---------------------------------------------------------------------
     def describe(self) -> list[Metric]:
-        return (
-            [
-                CounterMetricFamily(f.name, f.documentation)
-                for f in (
-                    self.tasks,
-                    self.failures,
-                    self.loop_blocks,
-                    self.loop_busy,
-                    self.warnings,
-                    self.instrumentation_errors,
-                )
-            ]
-            + [
-                HistogramMetricFamily(f.name, f.documentation)
-                for f in (
-                    self.duration,
-                    self.wait,
-                    self.thread_wait,
-                    self.loop_lag,
-                    self.loop_block_seconds,
-                )
-            ]
-            + [GaugeMetricFamily("taskscope_tasks_in_progress", "Background tasks running now.")]
-        )
+        """Names only (for the registry's duplicate check), without touching the values."""
+        kinds = {
+            _CounterFamily: CounterMetricFamily,
+            _GaugeFamily: GaugeMetricFamily,
+            _HistogramFamily: HistogramMetricFamily,
+        }
+        return [kinds[type(f)](f.name, f.documentation) for f in self._families]
 
     def collect(self) -> Iterator[Metric]:
         with self._lock:  # a consistent snapshot; rendering happens outside the lock
-            families = [
-                self.tasks.family(),
-                self.failures.family(),
-                self.duration.family(),
-                self.wait.family(),
-                self.thread_wait.family(),
-                self._in_progress_family(),
-                self.loop_lag.family(),
-                self.loop_blocks.family(),
-                self.loop_block_seconds.family(),
-                self.loop_busy.family(),
-                self.warnings.family(),
-                self.instrumentation_errors.family(),
-            ]
+            families = [family.family() for family in self._families]
         yield from families
-
-    def _in_progress_family(self) -> Metric:
-        family = GaugeMetricFamily(
-            "taskscope_tasks_in_progress", "Background tasks running now.", labels=["task"]
-        )
-        for key, value in list(self.in_progress.items()):
-            family.add_metric(list(key), value)
-        return family
 
     # -- the signal interface ------------------------------------------------------------
     def task_started(self, name: str) -> None:
-        key = (name,)
         with self._lock:
-            self.in_progress[key] = self.in_progress.get(key, 0.0) + 1.0
+            self.in_progress.inc((name,))
 
     def task_finished(self, name: str) -> None:
-        key = (name,)
         with self._lock:
-            self.in_progress[key] = self.in_progress.get(key, 0.0) - 1.0
+            self.in_progress.inc((name,), -1.0)
 
     def record(self, record: TaskRecord) -> None:
         name = record.name

@@ -1,0 +1,82 @@
+"""The Prometheus metric families, described once for both implementations."""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+from taskscope._signals._buckets import BLOCK_SECONDS, LAG_SECONDS, TASK_SECONDS
+
+
+class FamilySpec(NamedTuple):
+    attribute: str
+    """Attribute name on the metrics objects."""
+    kind: Literal["counter", "histogram", "gauge"]
+    name: str
+    """Family name (counters without ``_total``, as prometheus_client expects)."""
+    documentation: str
+    labels: tuple[str, ...]
+    buckets: tuple[float, ...] = ()
+
+
+FAMILIES = (
+    FamilySpec(
+        "tasks", "counter", "taskscope_tasks",
+        "Background tasks by final outcome (every task added ends in exactly one).",
+        ("task", "outcome"),
+    ),
+    FamilySpec(
+        "failures", "counter", "taskscope_task_failures",
+        "Background task failures by exception class.",
+        ("task", "error_type"),
+    ),
+    FamilySpec(
+        "duration", "histogram", "taskscope_task_duration_seconds",
+        "Run time of background tasks.",
+        ("task", "outcome"), TASK_SECONDS,
+    ),
+    FamilySpec(
+        "wait", "histogram", "taskscope_task_wait_seconds",
+        "Time from the response being sent to the task starting (head-of-line wait).",
+        ("task",), TASK_SECONDS,
+    ),
+    FamilySpec(
+        "thread_wait", "histogram", "taskscope_task_thread_wait_seconds",
+        "Time sync tasks waited for a free worker thread (threadpool pressure).",
+        ("task",), TASK_SECONDS,
+    ),
+    FamilySpec(
+        "in_progress", "gauge", "taskscope_tasks_in_progress",
+        "Background tasks running now.",
+        ("task",),
+    ),
+    FamilySpec(
+        "loop_lag", "histogram", "taskscope_event_loop_lag_seconds",
+        "How late the event loop's heartbeat fired.",
+        (), LAG_SECONDS,
+    ),
+    FamilySpec(
+        "loop_blocks", "counter", "taskscope_task_loop_blocks",
+        "Steps of async tasks that held the event loop longer than the threshold.",
+        ("task",),
+    ),
+    FamilySpec(
+        "loop_block_seconds", "histogram", "taskscope_task_loop_block_seconds",
+        "Duration of the steps that blocked the event loop.",
+        ("task",), BLOCK_SECONDS,
+    ),
+    FamilySpec(
+        "loop_busy", "counter", "taskscope_task_loop_busy_seconds",
+        "Seconds async tasks held the event loop (sum of their steps).",
+        ("task",),
+    ),
+    FamilySpec(
+        "warnings", "counter", "taskscope_task_warnings",
+        "Misuse flagged by taskscope (e.g. a sync task returning a coroutine).",
+        ("task", "kind"),
+    ),
+    FamilySpec(
+        "instrumentation_errors", "counter", "taskscope_instrumentation_errors",
+        "Errors inside taskscope's own instrumentation, absorbed so tasks are not lost.",
+        ("signal",),
+    ),
+)  # fmt: skip
