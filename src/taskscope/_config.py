@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
+from taskscope._environ import read_variables
 from taskscope._redact import redact_secrets
 
 if TYPE_CHECKING:
@@ -103,15 +104,7 @@ class Telemetry:
             "TASKSCOPE_OTEL_METRICS": ("otel_metrics", _parse_bool),
             "TASKSCOPE_MAX_MESSAGE_LENGTH": ("max_message_length", int),
         }
-        for variable, (name, parse) in parsers.items():
-            raw = env.get(variable)
-            if raw is None or raw == "":
-                continue
-            try:
-                kwargs[name] = parse(raw)
-            except ValueError as exc:
-                msg = f"{variable}={raw!r}: {exc}"
-                raise ValueError(msg) from None
+        kwargs.update(read_variables(env, parsers))
         kwargs.update(overrides)
         return cls(**kwargs)
 

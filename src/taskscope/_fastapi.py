@@ -38,11 +38,6 @@ def ensure_bound() -> None:
             sys.meta_path.insert(0, _hook)
 
 
-def is_bound() -> bool:
-    module = sys.modules.get(_TARGET)
-    return module is not None and _bound is not None and module.BackgroundTasks is _bound
-
-
 def unbind() -> None:
     """Undo :func:`ensure_bound` (tests, or users who want FastAPI's own class back)."""
     global _hook  # noqa: PLW0603

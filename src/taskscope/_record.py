@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 Outcome = Literal["success", "failure", "cancelled", "skipped", "abandoned"]
-OUTCOMES: tuple[Outcome, ...] = ("success", "failure", "cancelled", "skipped", "abandoned")
 
 
 class TaskRecord(NamedTuple):

@@ -27,7 +27,6 @@ if TYPE_CHECKING:
 
     from taskscope._config import Telemetry
 
-_INVALID = trace.INVALID_SPAN_CONTEXT
 _INTERRUPTIONS = (KeyboardInterrupt, GeneratorExit, asyncio.CancelledError)
 
 

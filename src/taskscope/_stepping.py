@@ -207,12 +207,6 @@ def _suspended_frames(coro: Any) -> list[FrameType]:
     return frames
 
 
-def innermost_frame(coro: Any) -> FrameType | None:
-    """Where a suspended coroutine chain is waiting."""
-    frames = _suspended_frames(coro)
-    return frames[-1] if frames else None
-
-
 def describe(frames: list[FrameType]) -> tuple[str, tuple[str, ...]]:
     """``(location, stack)`` of a step's frames (outermost first).
 

@@ -6,6 +6,8 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import unquote
 
+from taskscope._environ import read_variables
+
 
 def parse_pairs(raw: str) -> dict[str, str]:
     """``k1=v1,k2=v2`` with percent-encoded values (W3C baggage style), as OTel specifies."""
@@ -44,14 +46,4 @@ _VARIABLES: dict[str, tuple[str, Any]] = {
 
 def options_from_env(environ: Mapping[str, str]) -> dict[str, Any]:
     """Keyword arguments for ``setup_otlp`` from the variables that are set and non-empty."""
-    options: dict[str, Any] = {}
-    for variable, (name, parse) in _VARIABLES.items():
-        raw = environ.get(variable)
-        if raw is None or not raw.strip():
-            continue
-        try:
-            options[name] = parse(raw)
-        except ValueError as exc:
-            msg = f"{variable}: {exc}"
-            raise ValueError(msg) from None
-    return options
+    return read_variables(environ, _VARIABLES)
