@@ -102,8 +102,7 @@ class Runtime:
                     self.otel_metrics = OtelMetrics(provider)
                     self._sinks.append(("otel_metrics", self.otel_metrics))
             except Exception:
-                self.absorbed_errors += 1
-                self._count_error("otel_metrics")
+                self.absorb("otel_metrics")
         from taskscope._signals.logs import LogEvents
 
         logger = t.logger if t.logger is not None else structlog.get_logger("taskscope")
@@ -124,29 +123,26 @@ class Runtime:
         return self._tracer
 
     # -- fan-out ---------------------------------------------------------------------
-    def _count_error(self, signal: str) -> None:
+    def absorb(self, signal: str) -> None:
+        """Count an error inside taskscope's own instrumentation (never raised)."""
         self.absorbed_errors += 1
         if self.prometheus is not None and signal != "prometheus":
             with contextlib.suppress(Exception):  # counted above; nothing more to do
                 self.prometheus.instrumentation_error(signal)
-
-    def absorb(self, signal: str) -> None:
-        """Count an error inside taskscope's own instrumentation (never raised)."""
-        self._count_error(signal)
 
     def task_started(self, name: str) -> None:
         for signal, sink in self._metric_sinks:
             try:
                 sink.task_started(name)
             except Exception:
-                self._count_error(signal)
+                self.absorb(signal)
 
     def task_finished(self, name: str) -> None:
         for signal, sink in self._metric_sinks:
             try:
                 sink.task_finished(name)
             except Exception:
-                self._count_error(signal)
+                self.absorb(signal)
 
     def record(self, record: TaskRecord) -> None:
         if self.exited:  # already recorded as abandoned at exit: one outcome per task
@@ -155,35 +151,33 @@ class Runtime:
             try:
                 sink.record(record)
             except Exception:
-                self._count_error(signal)
+                self.absorb(signal)
 
     def block_detected(self, block: BlockRecord) -> None:
         for signal, sink in self._sinks:
             try:
                 sink.block_detected(block)
             except Exception:
-                self._count_error(signal)
+                self.absorb(signal)
 
     def block_ended(self, block: BlockRecord, *, reported: bool) -> None:
         for signal, sink in self._sinks:
+            # Not reported by the watchdog: detected now (the log's one warning, the
+            # counter); then ended (histogram; for the log, only after a watchdog report).
             try:
-                if signal == "logging" and not reported:
+                if not reported:
                     sink.block_detected(block)
-                elif signal == "logging":
-                    sink.block_ended(block)
-                else:
-                    if not reported:
-                        sink.block_detected(block)
+                if reported or signal != "logging":
                     sink.block_ended(block)
             except Exception:
-                self._count_error(signal)
+                self.absorb(signal)
 
     def lag(self, seconds: float) -> None:
         for signal, sink in self._metric_sinks:
             try:
                 sink.lag(seconds)
             except Exception:
-                self._count_error(signal)
+                self.absorb(signal)
 
     def warning(self, name: str, kind: str, **details: Any) -> None:
         for signal, sink in self._sinks:
@@ -193,7 +187,7 @@ class Runtime:
                 else:
                     sink.warning(name, kind)
             except Exception:
-                self._count_error(signal)
+                self.absorb(signal)
 
     # -- accounting of tasks not yet ended ------------------------------------------------
     def track(self, key: int, name: str, start: float) -> None:
@@ -223,12 +217,12 @@ class Runtime:
                 try:
                     sink.record(record)
                 except Exception:
-                    self._count_error(signal)
+                    self.absorb(signal)
         if names:
             try:
                 self.logs.abandoned_summary(dict(names))
             except Exception:
-                self._count_error("logging")
+                self.absorb("logging")
         return dict(names)
 
 
