@@ -9,11 +9,13 @@ from typing import TYPE_CHECKING, Any, ParamSpec
 from starlette.background import BackgroundTask as StarletteBackgroundTask
 from starlette.background import BackgroundTasks as StarletteBackgroundTasks
 
+from taskscope._config import DEFAULT_MAX_TASKS_PER_RESPONSE
 from taskscope._run import capture, record_never_run, run_tasks
 from taskscope._runtime import runtime_of
 
 if TYPE_CHECKING:
     from taskscope._config import Telemetry
+
 
 P = ParamSpec("P")
 
@@ -77,8 +79,8 @@ class BackgroundTasks(StarletteBackgroundTasks):
             self._check_size(task._taskscope)
 
     def _check_size(self, cap: Any) -> None:
-        if len(self.tasks) <= 1000 and cap.telemetry is None:
-            return  # cheap path: the default limit cannot be exceeded yet
+        if cap.telemetry is None and len(self.tasks) <= DEFAULT_MAX_TASKS_PER_RESPONSE:
+            return  # the process default cannot be exceeded yet: resolve nothing
         telemetry = cap.resolve(self._telemetry)
         limit = telemetry.max_tasks_per_response
         if len(self.tasks) > limit:

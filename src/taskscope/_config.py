@@ -16,6 +16,8 @@ if TYPE_CHECKING:
     from opentelemetry.trace import TracerProvider
     from prometheus_client import CollectorRegistry
 
+DEFAULT_MAX_TASKS_PER_RESPONSE = 1000
+
 SpanMode = Literal["child", "link", "off"]
 _SPAN_MODES: tuple[SpanMode, ...] = ("child", "link", "off")
 
@@ -49,7 +51,7 @@ class Telemetry:
     """Run the remaining tasks of a response after one fails (Starlette stops)."""
     max_task_names: int = 500
     """Distinct task names before new ones are recorded as ``__other__``."""
-    max_tasks_per_response: int = 1000
+    max_tasks_per_response: int = DEFAULT_MAX_TASKS_PER_RESPONSE
     """Past this many ``add_task`` calls on one object, warn once (and count)."""
     max_message_length: int = 256
     """Exception messages are truncated to this many characters."""
