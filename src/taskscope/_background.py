@@ -10,8 +10,9 @@ from starlette.background import BackgroundTask as StarletteBackgroundTask
 from starlette.background import BackgroundTasks as StarletteBackgroundTasks
 
 from taskscope._config import DEFAULT_MAX_TASKS_PER_RESPONSE
-from taskscope._run import capture, record_never_run, run_tasks
+from taskscope._run import capture, record_never_run, recording_opaque, run_tasks
 from taskscope._runtime import runtime_of
+from taskscope._task_kinds import own_collection_calls, own_task_calls
 
 if TYPE_CHECKING:
     from taskscope._config import Telemetry
@@ -48,6 +49,11 @@ class BackgroundTask(StarletteBackgroundTask):
         self._taskscope = capture(func, None)
 
     async def __call__(self) -> None:
+        if recording_opaque.get() is self:
+            # A subclass's own __call__ is being recorded and called super().__call__():
+            # run the task as Starlette does, inside that record.
+            await StarletteBackgroundTask.__call__(self)
+            return
         await run_tasks([self])
 
 
@@ -100,3 +106,7 @@ class BackgroundTasks(StarletteBackgroundTasks):
             return
         with contextlib.suppress(Exception):  # a finalizer must never raise
             record_never_run(self.tasks, self._telemetry)
+
+
+own_task_calls.add(BackgroundTask.__call__)
+own_collection_calls.add(BackgroundTasks.__call__)

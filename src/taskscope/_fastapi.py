@@ -17,6 +17,7 @@ import importlib.machinery
 import sys
 import threading
 import warnings
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -24,32 +25,92 @@ _TARGET = "fastapi.dependencies.utils"
 _lock = threading.Lock()
 _hook: _RebindOnImport | None = None
 _bound: type | None = None
+_want_rebind = False
+# Who wants the rebind: "import" (the drop-in class was imported: for good) and
+# "instrument" (instrument()/instrument_app(): until uninstrument()).
+_reasons: set[str] = set()
+_pending: list[Callable[[], None]] = []  # run once FastAPI is loaded
 
 
-def ensure_bound() -> None:
+def ensure_bound(reason: str = "import") -> None:
     """Rebind now if FastAPI is loaded, or as soon as it is (one-shot import hook)."""
-    global _hook  # noqa: PLW0603 - process-wide, like the rebind itself
+    global _want_rebind  # noqa: PLW0603 - process-wide, like the rebind itself
     with _lock:
+        _reasons.add(reason)
         module = sys.modules.get(_TARGET)
         if module is not None:
             _rebind(module)
-        elif _hook is None:
-            _hook = _RebindOnImport()
-            sys.meta_path.insert(0, _hook)
+        else:
+            _want_rebind = True
+            _install_hook()
 
 
-def unbind() -> None:
-    """Undo :func:`ensure_bound` (tests, or users who want FastAPI's own class back)."""
-    global _hook  # noqa: PLW0603
+def when_loaded(callback: Callable[[], None]) -> None:
+    """Call ``callback`` now if FastAPI is loaded, or right after it is imported."""
     with _lock:
-        if _hook is not None and _hook in sys.meta_path:
-            sys.meta_path.remove(_hook)
-        _hook = None
+        loaded = _TARGET in sys.modules
+        if not loaded and callback not in _pending:
+            _pending.append(callback)
+            _install_hook()
+    if loaded:
+        callback()
+
+
+def cancel_when_loaded(callback: Callable[[], None]) -> None:
+    with _lock:
+        if callback in _pending:
+            _pending.remove(callback)
+        if not _pending and not _want_rebind:
+            _remove_hook()
+
+
+def unbind(reason: str | None = None) -> None:
+    """Undo :func:`ensure_bound` for ``reason``; FastAPI's own class is back once no reason
+    is left (``None``: every reason, for tests or users who want FastAPI's class back)."""
+    global _want_rebind  # noqa: PLW0603
+    with _lock:
+        if reason is None:
+            _reasons.clear()
+        else:
+            _reasons.discard(reason)
+        if _reasons:
+            return
+        _want_rebind = False
+        if not _pending:
+            _remove_hook()
         module = sys.modules.get(_TARGET)
         if module is not None and _bound is not None and module.BackgroundTasks is _bound:
             import fastapi.background
 
             module.BackgroundTasks = fastapi.background.BackgroundTasks  # type: ignore[attr-defined]
+
+
+def _install_hook() -> None:
+    global _hook  # noqa: PLW0603
+    if _hook is None:
+        _hook = _RebindOnImport()
+        sys.meta_path.insert(0, _hook)
+
+
+def _remove_hook() -> None:
+    global _hook  # noqa: PLW0603
+    if _hook is not None and _hook in sys.meta_path:
+        sys.meta_path.remove(_hook)
+    _hook = None
+
+
+def _loaded(module: ModuleType) -> None:
+    """``fastapi.dependencies.utils`` was just imported: rebind, run the callbacks."""
+    global _want_rebind  # noqa: PLW0603
+    with _lock:
+        _remove_hook()
+        if _want_rebind:
+            _want_rebind = False
+            _rebind(module)
+        callbacks = list(_pending)
+        _pending.clear()
+    for callback in callbacks:
+        callback()
 
 
 def fastapi_class() -> type:
@@ -118,10 +179,4 @@ class _Loader(importlib.abc.Loader):
 
     def exec_module(self, module: ModuleType) -> None:
         self._inner.exec_module(module)
-        global _hook  # noqa: PLW0603
-        with _lock:
-            if self._hook in sys.meta_path:
-                sys.meta_path.remove(self._hook)
-            if _hook is self._hook:
-                _hook = None
-            _rebind(module)
+        _loaded(module)

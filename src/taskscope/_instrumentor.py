@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import threading
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -12,8 +11,9 @@ from starlette.background import BackgroundTasks as StarletteBackgroundTasks
 
 from taskscope import _fastapi
 from taskscope._config import Telemetry
-from taskscope._run import run_tasks
+from taskscope._run import recording_opaque, run_tasks
 from taskscope._runtime import current_telemetry
+from taskscope._task_kinds import own_collection_calls, own_task_calls
 
 Scope = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, Any, Any], Awaitable[None]]
@@ -58,7 +58,7 @@ def instrument_app(app: Any, telemetry: Telemetry | None = None) -> Telemetry:
         )
         raise TypeError(msg)
     add_middleware(TelemetryMiddleware, telemetry=telemetry)
-    _fastapi.ensure_bound()
+    _fastapi.ensure_bound("instrument")
     _patch_plain_classes()
     return telemetry
 
@@ -71,7 +71,7 @@ def instrument() -> None:
     """
     global _everywhere  # noqa: PLW0603 - explicit, process-wide opt-in
     _everywhere = True
-    _fastapi.ensure_bound()
+    _fastapi.ensure_bound("instrument")
     _patch_plain_classes()
 
 
@@ -79,11 +79,12 @@ def uninstrument() -> None:
     """Undo :func:`instrument` and :func:`instrument_app`'s class patches."""
     global _everywhere  # noqa: PLW0603
     _everywhere = False
+    _fastapi.cancel_when_loaded(_patch_fastapi_class)
     with _lock:
         for (cls, attribute), original in _originals.items():
             setattr(cls, attribute, original)
         _originals.clear()
-    _fastapi.unbind()
+    _fastapi.unbind("instrument")
 
 
 def _observing() -> bool:
@@ -91,16 +92,22 @@ def _observing() -> bool:
 
 
 def _patch_plain_classes() -> None:
+    """Route Starlette's (and FastAPI's, now or once imported) classes through taskscope.
+
+    Each patch is active only while :func:`_observing` says so, and undone by
+    :func:`uninstrument`. FastAPI's class is patched whatever the import order: now if
+    FastAPI is loaded, otherwise as soon as it is.
+    """
     with _lock:
-        if _originals:
+        if (StarletteBackgroundTask, "__call__") in _originals:
             return
         single = StarletteBackgroundTask.__call__
         many = StarletteBackgroundTasks.__call__
 
         async def call_one(self: StarletteBackgroundTask) -> None:
-            if _observing():
+            if _observing() and recording_opaque.get() is not self:
                 await run_tasks([self])
-            else:
+            else:  # not observed, or a subclass's super().__call__() inside its record
                 await single(self)
 
         async def call_many(self: StarletteBackgroundTasks) -> None:
@@ -111,21 +118,33 @@ def _patch_plain_classes() -> None:
 
         _originals[(StarletteBackgroundTask, "__call__")] = single
         _originals[(StarletteBackgroundTasks, "__call__")] = many
+        own_task_calls.add(call_one)
+        own_collection_calls.add(call_many)
         StarletteBackgroundTask.__call__ = call_one  # type: ignore[method-assign]
         StarletteBackgroundTasks.__call__ = call_many  # type: ignore[method-assign]
-        fastapi_background = sys.modules.get("fastapi.background")
-        if fastapi_background is not None:
-            cls = fastapi_background.BackgroundTasks
-            fastapi_many = cls.__call__
+    _fastapi.when_loaded(_patch_fastapi_class)
 
-            async def call_fastapi(self: Any) -> None:
-                if _observing():  # one span per task: taskscope's, not FastAPI's too
-                    await run_tasks(self.tasks)
-                else:
-                    await fastapi_many(self)
 
-            _originals[(cls, "__call__")] = fastapi_many
-            cls.__call__ = call_fastapi
+def _patch_fastapi_class() -> None:
+    """FastAPI's ``BackgroundTasks.__call__``: taskscope's loop, which opens FastAPI's own
+    per-task context itself (so one span per task, FastAPI's when its telemetry is on)."""
+    import fastapi.background
+
+    cls = fastapi.background.BackgroundTasks
+    with _lock:
+        if (cls, "__call__") in _originals or not _originals:
+            return  # already patched, or uninstrumented meanwhile
+        fastapi_many = cls.__call__
+
+        async def call_fastapi(self: Any) -> None:
+            if _observing():
+                await run_tasks(self.tasks)
+            else:
+                await fastapi_many(self)
+
+        _originals[(cls, "__call__")] = fastapi_many
+        own_collection_calls.add(call_fastapi)
+        cls.__call__ = call_fastapi  # type: ignore[method-assign]
 
 
 class TaskscopeInstrumentor:

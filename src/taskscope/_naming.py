@@ -59,7 +59,13 @@ def _callable_name(func: object) -> str:
             continue
         break
     if inspect.isfunction(func) or inspect.isbuiltin(func):
-        module = getattr(func, "__module__", None) or "<unknown>"
+        # A bound builtin (``items.append``) has no module of its own: its owner's type has.
+        owner = getattr(func, "__self__", None)
+        module = (
+            getattr(func, "__module__", None)
+            or (None if owner is None or inspect.ismodule(owner) else type(owner).__module__)
+            or "<unknown>"
+        )
         qualname = str(getattr(func, "__qualname__", None) or getattr(func, "__name__", "?"))
         if qualname.endswith("<lambda>") and inspect.isfunction(func):
             qualname = f"{qualname}@{func.__code__.co_firstlineno}"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import inspect
 import warnings
 from collections.abc import Callable, Sequence
@@ -19,6 +21,7 @@ from taskscope._naming import _NAME_ATTRIBUTE, callable_name
 from taskscope._probe import monitored
 from taskscope._record import Outcome, TaskRecord
 from taskscope._runtime import Runtime, current_telemetry, resolve, runtime_of
+from taskscope._task_kinds import Kind, framework_operation, is_sync, kind_of
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
@@ -101,8 +104,13 @@ def capture_of(task: BackgroundTask, explicit: Telemetry | None) -> Capture:
     if isinstance(found, Capture):
         found.resolve(explicit)
         return found
-    # A plain Starlette task (instrument()/instrument_app() paths): capture at run time.
-    cap = capture(task.func, explicit)
+    # A plain Starlette task (instrument()/instrument_app() paths), or an object with its
+    # own __call__: captured at run time, named after its func (or itself, if it has none).
+    try:
+        func = getattr(task, "func", task)
+    except Exception:
+        func = task
+    cap = capture(func, explicit)
     cap.resolve(explicit)
     return cap
 
@@ -110,7 +118,19 @@ def capture_of(task: BackgroundTask, explicit: Telemetry | None) -> Capture:
 class TaskRun:
     """Mutable state of one task while it runs (read by the loop probe)."""
 
-    __slots__ = ("blocks", "busy", "name", "runtime", "span", "span_id", "threshold", "trace_id")
+    __slots__ = (
+        "blocks",
+        "busy",
+        "error_message",
+        "error_type",
+        "name",
+        "owns_span",
+        "runtime",
+        "span",
+        "span_id",
+        "threshold",
+        "trace_id",
+    )
 
     def __init__(self, name: str, runtime: Runtime) -> None:
         self.name = name
@@ -119,8 +139,18 @@ class TaskRun:
         self.busy = 0.0
         self.blocks = 0
         self.span: Span | None = None
+        self.owns_span = True  # False: the framework's span (FastAPI's), enriched only
         self.trace_id: str | None = None
         self.span_id: str | None = None
+        self.error_type: str | None = None
+        self.error_message: str | None = None
+
+
+# The task a custom ``__call__`` is being recorded for: when that ``__call__`` calls
+# ``super().__call__()``, taskscope's own ``__call__`` runs Starlette's, not a second record.
+recording_opaque: contextvars.ContextVar[object] = contextvars.ContextVar(
+    "taskscope_recording_opaque", default=None
+)
 
 
 async def run_tasks(
@@ -132,13 +162,14 @@ async def run_tasks(
     """Run tasks one after another, as Starlette does, recording each one's outcome.
 
     Like Starlette's loop over ``self.tasks``, a task appended while the tasks run (by a
-    task itself) runs too, and is accounted for from the moment it is seen.
+    task itself) runs too, and is accounted for from the moment it is seen. A collection
+    nested in ``tasks`` runs its own tasks in its turn, each recorded.
     """
     if not tasks:
         return
-    captures: list[Capture] = []
+    captures: list[Capture | None] = []
     _account(tasks, captures, explicit)
-    first = captures[0].resolve(explicit)
+    first = _first_telemetry(captures, explicit)
     keep_going = first.continue_on_error if continue_on_error is None else continue_on_error
     sent_at = first.clock()
     error: Exception | None = None
@@ -148,7 +179,11 @@ async def run_tasks(
             if error is not None and not keep_going:
                 break
             try:
-                await run_one(tasks[index], captures[index], sent_at)
+                cap = captures[index]
+                if cap is None:  # a nested collection: Starlette awaits it in its turn
+                    await _run_nested(tasks[index], explicit, keep_going)
+                else:
+                    await run_one(tasks[index], cap, sent_at)
             except Exception as exc:
                 if error is None:
                     error = exc
@@ -158,19 +193,38 @@ async def run_tasks(
     except BaseException:
         # Cancelled (shutdown) or interrupted: the tasks that never started are abandoned.
         _account(tasks, captures, explicit)
-        _record_not_run(tasks[index + 1 :], captures[index + 1 :], "abandoned")
+        _record_not_run(tasks[index + 1 :], captures[index + 1 :], "abandoned", explicit)
         raise
     if index < len(tasks):
-        _record_not_run(tasks[index:], captures[index:], "skipped")
+        _record_not_run(tasks[index:], captures[index:], "skipped", explicit)
     if error is not None:
         raise error
 
 
+def _first_telemetry(captures: list[Capture | None], explicit: Telemetry | None) -> Telemetry:
+    for cap in captures:
+        if cap is not None:
+            return cap.resolve(explicit)
+    return resolve(explicit)
+
+
+async def _run_nested(
+    collection: BackgroundTask, explicit: Telemetry | None, keep_going: bool
+) -> None:
+    inner = list(getattr(collection, "tasks", ()) or ())
+    with contextlib.suppress(Exception):  # taskscope's collection: ran, not lost
+        collection._called = True  # type: ignore[attr-defined]
+    await run_tasks(inner, explicit, continue_on_error=keep_going)
+
+
 def _account(
-    tasks: Sequence[BackgroundTask], captures: list[Capture], explicit: Telemetry | None
+    tasks: Sequence[BackgroundTask], captures: list[Capture | None], explicit: Telemetry | None
 ) -> None:
     """Capture and track the tasks not seen yet: from now on each ends in an outcome."""
     for task in tasks[len(captures) :]:
+        if kind_of(task) is Kind.NESTED:
+            captures.append(None)  # its tasks are accounted for when it runs
+            continue
         cap = capture_of(task, explicit)
         cap.accounted = True
         runtime_of(cap.resolve(explicit)).track(id(task), cap.name, 0.0)
@@ -181,24 +235,44 @@ def record_never_run(tasks: Sequence[BackgroundTask], explicit: Telemetry | None
     """Tasks of a ``BackgroundTasks`` that was never run: the endpoint raised after
     ``add_task``, or the response carried other background tasks. Starlette drops them
     silently; they are recorded as ``skipped`` so every task added ends in an outcome."""
-    pending = [(task, cap) for task in tasks if not (cap := capture_of(task, explicit)).accounted]
+    pending: list[BackgroundTask] = []
+    captures: list[Capture | None] = []
+    for task in tasks:
+        if kind_of(task) is Kind.NESTED:
+            pending.append(task)
+            captures.append(None)
+        elif not (cap := capture_of(task, explicit)).accounted:
+            pending.append(task)
+            captures.append(cap)
     if pending:
         _record_not_run(
-            [task for task, _ in pending],
-            [cap for _, cap in pending],
-            "skipped",
-            reason="the response carrying it was never sent",
+            pending, captures, "skipped", explicit, reason="the response carrying it was never sent"
         )
 
 
 def _record_not_run(
     tasks: Sequence[BackgroundTask],
-    captures: list[Capture],
+    captures: Sequence[Capture | None],
     outcome: Outcome,
+    explicit: Telemetry | None,
+    *,
     reason: str | None = None,
+    depth: int = 0,
 ) -> None:
     for task, cap in zip(tasks, captures, strict=True):
-        runtime = runtime_of(cap.resolve(None))
+        if cap is None:  # a nested collection that never ran: each of its tasks
+            if depth < _MAX_NESTING:
+                inner = list(getattr(task, "tasks", ()) or ())
+                with contextlib.suppress(Exception):
+                    task._called = True  # type: ignore[attr-defined]
+                inner_caps: list[Capture | None] = [
+                    None if kind_of(t) is Kind.NESTED else capture_of(t, explicit) for t in inner
+                ]
+                _record_not_run(
+                    inner, inner_caps, outcome, explicit, reason=reason, depth=depth + 1
+                )
+            continue
+        runtime = runtime_of(cap.resolve(explicit))
         runtime.untrack(id(task))
         span_context = trace.get_current_span(cap.context).get_span_context()
         trace_id = format(span_context.trace_id, "032x") if span_context.is_valid else None
@@ -206,7 +280,7 @@ def _record_not_run(
             TaskRecord(
                 cap.name,
                 outcome,
-                not getattr(task, "is_async", True),
+                is_sync(task),
                 0.0,
                 None,
                 trace_id=trace_id,
@@ -215,26 +289,42 @@ def _record_not_run(
         )
 
 
+_MAX_NESTING = 32
+
+
 async def run_one(task: BackgroundTask, cap: Capture, sent_at: float) -> None:
-    """Run one task inside its span; record exactly one outcome; re-raise unchanged."""
+    """Run one task; record exactly one outcome; re-raise unchanged.
+
+    Runs inside the context FastAPI opens around each task (its span, when its telemetry
+    is on); the task's span is FastAPI's then, otherwise taskscope's own.
+    """
     telemetry = cap.resolve(None)
     runtime = runtime_of(telemetry)
     clock = telemetry.clock
     name = cap.name
     run = TaskRun(name, runtime)
-    sync = not task.is_async
+    kind = kind_of(task)
+    sync = is_sync(task)
     start = clock()
     runtime.track(id(task), name, start)
-    span, token = _start_span(runtime, run, cap, sync, start - sent_at)
     runtime.task_started(name)
     outcome: Outcome = "success"
     error: BaseException | None = None
     thread_started: list[float] = []
     try:
-        if sync:
-            await _run_sync(task, run, thread_started, clock)
+        try:
+            operation = framework_operation(task)
+        except Exception:
+            runtime.absorb("tracing")
+            operation = None
+        if operation is None:
+            await _traced(task, kind, cap, run, start - sent_at, thread_started)
         else:
-            await monitored(task.func(*task.args, **task.kwargs), run)
+            before = trace.get_current_span()
+            with operation:
+                current = trace.get_current_span()
+                adopted = current if current is not before else None
+                await _traced(task, kind, cap, run, start - sent_at, thread_started, adopted)
     except BaseException as exc:
         error = exc
         outcome = _outcome_of(exc)
@@ -243,15 +333,17 @@ async def run_one(task: BackgroundTask, cap: Capture, sent_at: float) -> None:
         end = clock()
         # Sync tasks: run time counts from the worker thread's start (the wait for a free
         # thread is recorded separately); never started in a thread: it did not run.
-        ran_from = thread_started[0] if thread_started else (end if sync else start)
+        if thread_started:
+            ran_from = thread_started[0]
+        elif sync and kind is Kind.PLAIN:
+            ran_from = end
+        else:
+            ran_from = start
         runtime.untrack(id(task))
         runtime.task_finished(name)
-        error_type = error_message = None
-        if error is not None:
-            error_type = type(error).__name__
-            error_message = safe_message(error, telemetry)
-        if span is not None:
-            _end_span(runtime, span, token, outcome, error, error_type, error_message)
+        if error is not None and run.error_type is None:
+            run.error_type = type(error).__name__
+            run.error_message = safe_message(error, telemetry)
         runtime.record(
             TaskRecord(
                 name,
@@ -260,14 +352,58 @@ async def run_one(task: BackgroundTask, cap: Capture, sent_at: float) -> None:
                 end - ran_from,
                 start - sent_at,
                 thread_wait=(thread_started[0] - start) if thread_started else None,
-                error_type=error_type,
-                error_message=error_message,
+                error_type=run.error_type,
+                error_message=run.error_message,
                 trace_id=run.trace_id,
                 span_id=run.span_id,
                 loop_busy=run.busy,
                 loop_blocks=run.blocks,
             )
         )
+
+
+async def _traced(  # noqa: PLR0917 - private, called twice
+    task: BackgroundTask,
+    kind: Kind,
+    cap: Capture,
+    run: TaskRun,
+    wait: float,
+    thread_started: list[float],
+    adopted: Span | None = None,
+) -> None:
+    """The task inside its span: FastAPI's (``adopted``) or one taskscope starts."""
+    runtime = run.runtime
+    if adopted is not None:
+        token: object = None
+        _adopt_span(run, adopted)
+    else:
+        token = _start_span(runtime, run, cap, is_sync(task), wait)
+    try:
+        await _execute(task, kind, run, thread_started)
+    except BaseException as exc:
+        run.error_type = type(exc).__name__
+        run.error_message = safe_message(exc, runtime.telemetry)
+        if run.span is not None and run.owns_span:
+            _end_span(runtime, run, token, _outcome_of(exc), exc)
+        raise
+    if run.span is not None and run.owns_span:
+        _end_span(runtime, run, token, "success", None)
+
+
+async def _execute(
+    task: BackgroundTask, kind: Kind, run: TaskRun, thread_started: list[float]
+) -> None:
+    if kind is Kind.PLAIN:
+        if task.is_async:
+            await monitored(task.func(*task.args, **task.kwargs), run)
+        else:
+            await _run_sync(task, run, thread_started, run.runtime.telemetry.clock)
+        return
+    token = recording_opaque.set(task)
+    try:
+        await monitored(task(), run)
+    finally:
+        recording_opaque.reset(token)
 
 
 def _outcome_of(exc: BaseException) -> Outcome:
@@ -330,13 +466,22 @@ def safe_message(error: BaseException, telemetry: Telemetry) -> str:
     return redacted
 
 
-def _start_span(
-    runtime: Runtime, run: TaskRun, cap: Capture, sync: bool, wait: float
-) -> tuple[Span | None, object]:
+def _adopt_span(run: TaskRun, span: Span) -> None:
+    """FastAPI's task span: its ids for metrics and logs, events added, the rest FastAPI's."""
+    run.span = span
+    run.owns_span = False
+    span_context = span.get_span_context()
+    if span_context.is_valid:
+        run.trace_id = format(span_context.trace_id, "032x")
+        run.span_id = format(span_context.span_id, "016x")
+
+
+def _start_span(runtime: Runtime, run: TaskRun, cap: Capture, sync: bool, wait: float) -> object:
+    """Start the task's span and make it current; returns the context token (or None)."""
     try:
         tracer = runtime.tracer
         if tracer is None:
-            return None, None
+            return None
         parent_context: Context | None = cap.context
         links: list[Link] | None = None
         if runtime.telemetry.span_mode == "link":
@@ -359,22 +504,22 @@ def _start_span(
             run.trace_id = format(span_context.trace_id, "032x")
             run.span_id = format(span_context.span_id, "016x")
         run.span = span
-        token = otel_context.attach(trace.set_span_in_context(span, cap.context))
-        return span, token
+        return otel_context.attach(trace.set_span_in_context(span, cap.context))
     except Exception:
         runtime.absorb("tracing")
-        return None, None
+        return None
 
 
-def _end_span(  # noqa: PLR0917 - private, called once
+def _end_span(
     runtime: Runtime,
-    span: Span,
+    run: TaskRun,
     token: object,
     outcome: Outcome,
     error: BaseException | None,
-    error_type: str | None,
-    error_message: str | None,
 ) -> None:
+    span = run.span
+    if span is None:
+        return
     try:
         if token is not None:
             otel_context.detach(token)  # type: ignore[arg-type]
@@ -394,13 +539,13 @@ def _end_span(  # noqa: PLR0917 - private, called once
                 "exception",
                 {
                     "exception.type": qualified,
-                    "exception.message": error_message or "",
+                    "exception.message": run.error_message or "",
                     "exception.escaped": True,
                 },
             )
-            span.set_status(Status(StatusCode.ERROR, error_type))
+            span.set_status(Status(StatusCode.ERROR, run.error_type))
         elif error is not None:
-            span.set_attribute("taskscope.task.interrupted_by", error_type or "")
+            span.set_attribute("taskscope.task.interrupted_by", run.error_type or "")
         span.end()
     except Exception:
         runtime.absorb("tracing")
