@@ -64,10 +64,10 @@ def way(request: pytest.FixtureRequest) -> Iterator[str]:
 
 
 def _app(way: str, observed: Observed, telemetry: dict[str, Any], task: Any) -> FastAPI:
-    app = FastAPI(telemetry=telemetry)  # type: ignore[call-arg,unused-ignore]
+    app = FastAPI(telemetry=telemetry)  # type: ignore[call-arg,arg-type,unused-ignore]
     annotation: Any = taskscope.BackgroundTasks if way == "dropin" else fastapi.BackgroundTasks
 
-    async def endpoint(background: annotation) -> str:  # type: ignore[valid-type]
+    async def endpoint(background: annotation) -> str:
         background.add_task(task)
         background.add_task(task)
         return "ok"
@@ -89,7 +89,8 @@ def test_task_span_is_fastapis_in_the_apps_provider(
         seen.append((span.is_recording(), getattr(span, "name", None), span.get_span_context()))
 
     app = _app(way, observed, {"tracer_provider": app_tracing.provider}, job)
-    assert TestClient(app, backend=anyio_backend).get("/").text == '"ok"'
+    client = TestClient(app, backend=anyio_backend)  # type: ignore[arg-type,unused-ignore]
+    assert client.get("/").text == '"ok"'
     tasks = app_tracing.task_spans()
     assert len(tasks) == 2
     assert observed.task_spans() == []  # none of taskscope's own: no duplicates
@@ -150,7 +151,7 @@ def test_unsampled_by_the_app_gives_no_task_span(
     """The app's sampler said no: no task span anywhere, the tasks still recorded."""
     from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 
-    app_tracing.provider.sampler = ALWAYS_OFF  # type: ignore[misc]
+    app_tracing.provider.sampler = ALWAYS_OFF
 
     async def job() -> None: ...
 

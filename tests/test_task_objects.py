@@ -41,7 +41,7 @@ def _serve(background: StarletteBackgroundTask, observed: Observed, backend: str
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         await Response("ok", background=background)(scope, receive, send)
 
-    client = TestClient(TelemetryMiddleware(app, observed.telemetry), backend=backend)
+    client = TestClient(TelemetryMiddleware(app, observed.telemetry), backend=backend)  # type: ignore[arg-type,unused-ignore]
     assert client.get("/").text == "ok"
 
 

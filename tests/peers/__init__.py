@@ -1,1 +1,1 @@
-"""FastAPI's and Starlette's own test suites, run with taskscope active (``scripts/peer-suites``)."""
+"""FastAPI's and Starlette's own test suites, run with taskscope on (scripts/peer-suites)."""

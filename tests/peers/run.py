@@ -49,6 +49,14 @@ class Result:
     seconds: float
 
 
+def _quiet(command: list[str]) -> None:
+    """Run a pip command; its output is shown only if it fails."""
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        sys.stderr.write(done.stdout + done.stderr)
+        raise subprocess.CalledProcessError(done.returncode, command)
+
+
 def dev_versions() -> dict[str, str]:
     code = (
         "import importlib.metadata as m, json;"
@@ -157,10 +165,7 @@ def environment(versions: dict[str, str]) -> tuple[Path, dict[str, Path]]:
         for package, source in sources.items():
             requirements += test_requirements(source, package)
         print(f"peer suites: installing the test requirements of {key}", flush=True)
-        subprocess.run(
-            [str(pip), "install", "-q", "--disable-pip-version-check", *requirements],
-            check=True,
-        )
+        _quiet([str(pip), "install", "-q", "--disable-pip-version-check", *requirements])
         stamp.touch()
     return python, sources
 
