@@ -139,7 +139,9 @@ def environment(suite: str, versions: dict[str, str]) -> tuple[Path, Path]:
     )
     venv = CACHE / f"venv-{key}"
     python = venv / "bin" / "python"
-    if not python.exists():
+    pip = venv / "bin" / "pip"
+    if not pip.exists():  # new, or left half-made by an interrupted run
+        shutil.rmtree(venv, ignore_errors=True)
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         _quiet(
             [
@@ -153,7 +155,6 @@ def environment(suite: str, versions: dict[str, str]) -> tuple[Path, Path]:
                 "pip",
             ]
         )
-    pip = venv / "bin" / "pip"
     source = sdist(suite, versions[suite], pip)
     stamp = venv / ".installed"
     if not stamp.exists() or (ROOT / "pyproject.toml").stat().st_mtime > stamp.stat().st_mtime:
