@@ -371,13 +371,13 @@ def _enter_framework_operation(hook: Any, task: BackgroundTask, run: TaskRun) ->
     """Open the context FastAPI's loop opens around a task; adopt the span it starts."""
     try:
         operation = framework_operation(hook, task)
-    except Exception:
+        if operation is None:
+            return None
+        before = trace.get_current_span()
+        operation.__enter__()
+    except Exception:  # FastAPI's telemetry failing must not cost the task
         run.runtime.absorb("tracing")
         return None
-    if operation is None:
-        return None
-    before = trace.get_current_span()
-    operation.__enter__()
     current = trace.get_current_span()
     if current is not before:
         _adopt_span(run, current)
