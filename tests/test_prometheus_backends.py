@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import pytest
@@ -88,3 +89,32 @@ def test_taken_names_are_refused() -> None:
     PrometheusMetrics(registry)
     with pytest.raises(ValueError, match="Duplicated timeseries"):
         FastMetrics(registry)
+
+
+@pytest.mark.parametrize("implementation", [PrometheusMetrics, FastMetrics])
+def test_alerting_series_start_at_zero_for_a_new_task_name(implementation: type) -> None:
+    """The first sight of a task name creates the counters the alert rules read at 0, so
+    the first skip, failure, loop block or misuse is an increase (not a series born at 1)."""
+    registry = CollectorRegistry()
+    metrics = implementation(registry)
+    metrics.task_started("app.send")
+    value = registry.get_sample_value
+    for outcome in ("success", "failure", "cancelled", "skipped", "abandoned"):
+        assert value("taskscope_tasks_total", {"task": "app.send", "outcome": outcome}) == 0.0
+    assert value("taskscope_task_loop_blocks_total", {"task": "app.send"}) == 0.0
+    for kind in ("coroutine_not_awaited", "too_many_tasks"):
+        assert value("taskscope_task_warnings_total", {"task": "app.send", "kind": kind}) == 0.0
+    # A name first seen through a skip, a warning or a block gets the same zeros.
+    metrics.record(TaskRecord("app.log", "skipped", True, 0.0, None))
+    assert value("taskscope_tasks_total", {"task": "app.log", "outcome": "skipped"}) == 1.0
+    assert value("taskscope_tasks_total", {"task": "app.log", "outcome": "failure"}) == 0.0
+    metrics.warning("app.misused", "coroutine_not_awaited")
+    assert value("taskscope_tasks_total", {"task": "app.misused", "outcome": "skipped"}) == 0.0
+    metrics.block_detected(dataclasses.replace(BLOCK, task="app.blocker"))
+    assert value("taskscope_task_loop_blocks_total", {"task": "app.blocker"}) == 1.0
+    assert value("taskscope_tasks_total", {"task": "app.blocker", "outcome": "failure"}) == 0.0
+    # Histograms are not pre-created: an empty one would make histogram_quantile NaN.
+    assert (
+        value("taskscope_task_duration_seconds_count", {"task": "app.send", "outcome": "success"})
+        is None
+    )
