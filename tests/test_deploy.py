@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import json
 import os
 import re
 import shutil
 import subprocess
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -298,3 +300,70 @@ def test_alert_unit_tests_cover_every_alert() -> None:
     }
     assert tested == alerts
     assert silent == alerts
+
+
+def github_anchor(heading: str) -> str:
+    """The anchor GitHub gives a Markdown heading (lower case, punctuation dropped)."""
+    slug = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return slug.replace(" ", "-")
+
+
+# Alerts on one event fire at once; trends (rates, ratios, percentiles) need `for:`.
+ONE_EVENT_ALERTS = {
+    "TaskscopeTasksSkipped",
+    "TaskscopeTasksAbandoned",
+    "TaskscopeEventLoopBlocked",
+    "TaskscopeTaskMisuse",
+    "TaskscopeInstrumentationErrors",
+    "TaskscopeOtlpSpansDropped",
+}
+
+
+def test_every_alert_carries_the_on_call_contract() -> None:
+    """Severity, summary, description, a runbook_url to an existing docs/runbook.md section,
+    a dashboard_url to this dashboard's uid and variables, and `for:` on every alert that is
+    not about one event; no alert pages (critical) out of the box."""
+    dashboard = json.loads((ROOT / "dashboards" / "taskscope.json").read_text())
+    variables = {v["name"] for v in dashboard["templating"]["list"]}
+    runbook = (ROOT / "docs" / "runbook.md").read_text()
+    anchors = {github_anchor(h) for h in re.findall(r"^## (.+)$", runbook, re.MULTILINE)}
+    rules = [r for g in load(PROMETHEUS / "alerts.yml")["groups"] for r in g["rules"]]
+    for rule in rules:
+        name = rule["alert"]
+        assert rule["labels"]["severity"] in {"warning", "info"}, name
+        annotations = rule["annotations"]
+        assert {"summary", "description", "runbook_url", "dashboard_url"} <= set(annotations)
+        page, _, anchor = annotations["runbook_url"].partition("#")
+        assert page.endswith("/docs/runbook.md"), name
+        assert anchor == name.lower(), name
+        assert anchor in anchors, name
+        url = urllib.parse.urlsplit(annotations["dashboard_url"])
+        assert url.path.startswith(f"/d/{dashboard['uid']}/"), name
+        params = urllib.parse.parse_qs(url.query)
+        assert params, name
+        assert {key.removeprefix("var-") for key in params} <= variables, name
+        assert ("for" in rule) == (name not in ONE_EVENT_ALERTS), name
+
+
+def test_alert_aggregations_keep_namespace_and_cluster() -> None:
+    """Every `sum by`/`max by` groups by namespace and cluster too (kube-prometheus-stack
+    groups alerts by namespace; two namespaces' tasks must not add up)."""
+    for group in load(PROMETHEUS / "alerts.yml")["groups"]:
+        for rule in group["rules"]:
+            clauses = re.findall(r"\b(?:sum|max|min|avg|count) by \(([^)]*)\)", rule["expr"])
+            assert clauses, rule["alert"]
+            for clause in clauses:
+                labels = {label.strip() for label in clause.split(",")}
+                assert {"namespace", "cluster", "job"} <= labels, (rule["alert"], clause)
+
+
+def test_ratio_alerts_have_a_minimum_traffic_guard() -> None:
+    """A ratio or percentile of a handful of tasks is noise: those rules demand 10 tasks."""
+    for group in load(PROMETHEUS / "alerts.yml")["groups"]:
+        for rule in group["rules"]:
+            expr = rule["expr"]
+            per_task_ratio = "/" in expr or "histogram_quantile" in expr
+            if per_task_ratio and "event_loop_lag" not in expr:  # the heartbeat never stops
+                assert re.search(r"increase\([^)]*(_count|_total)\[5m\]\)\) >= 10", expr), rule[
+                    "alert"
+                ]
