@@ -44,11 +44,17 @@ DASHBOARD = ROOT / "dashboards" / "taskscope.json"
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
 RUN_APP = "from tests.promapp import main; main()"
 
-# Grafana's variables, as the e2e query substitutes them (All = ".*").
-VARIABLES = {
-    "job": ".*",
-    "instance": ".*",
-    "task": ".*",
+# The target labels Kubernetes service discovery would add (the dashboard's cluster and
+# namespace variables, the alerts' aggregation).
+TARGET_LABELS = {"cluster": "e2e", "namespace": "taskscope"}
+# Grafana's variables as it substitutes them with "All" selected: each query variable's
+# allValue from the dashboard, and the built-in intervals.
+VARIABLES: dict[str, str] = {
+    **{
+        variable["name"]: str(variable["allValue"])
+        for variable in json.loads(DASHBOARD.read_text())["templating"]["list"]
+        if variable["type"] == "query"
+    },
     "__rate_interval": "30s",
     "__interval": "15s",
     "__range": "5m",
@@ -196,7 +202,7 @@ def prometheus(
     """Prometheus scraping ``promapp`` after two workload rounds (one before its start)."""
     drive_round(promapp)
     workdir = tmp_path_factory.mktemp("prometheus")
-    with running_prometheus(workdir, [promapp.address], [ALERTS]) as server:
+    with running_prometheus(workdir, [promapp.address], [ALERTS], labels=TARGET_LABELS) as server:
         total = "sum(taskscope_tasks_total)"
         scrapes = 'count_over_time(up{job="taskscope"}[10m])'
         try:
@@ -253,11 +259,14 @@ def test_alert_expression_evaluates(prometheus: PrometheusServer, alert: str, ex
 def test_dashboard_variables_have_values(
     prometheus: PrometheusServer, label: str, selector: str
 ) -> None:
-    """The job, instance and task drop-downs list what Prometheus scraped."""
+    """The cluster, namespace, job, instance and task drop-downs list what Prometheus
+    scraped."""
     values = prometheus.get_or_error(
         f"/api/v1/label/{label}/values", **{"match[]": substitute(selector)}
     )
     assert values, (label, selector)
+    if label in TARGET_LABELS:
+        assert values == [TARGET_LABELS[label]]
     if label == "task":
         assert "tests.promapp.blocks_the_loop" in values
 
