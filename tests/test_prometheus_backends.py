@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
@@ -118,3 +122,32 @@ def test_alerting_series_start_at_zero_for_a_new_task_name(implementation: type)
         value("taskscope_task_duration_seconds_count", {"task": "app.send", "outcome": "success"})
         is None
     )
+
+
+MULTIPROCESS_ZEROS = """
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+from taskscope._signals.prometheus import metrics_for
+
+metrics_for(CollectorRegistry()).task_started("app.send")  # this "worker" sees the name
+merged = CollectorRegistry()  # what any worker's /metrics serves
+MultiProcessCollector(merged)
+print(generate_latest(merged).decode())
+"""
+
+
+def test_multiprocess_files_carry_the_zero_series(tmp_path: Path) -> None:
+    """Under PROMETHEUS_MULTIPROC_DIR the zeros are written to the shared files, so every
+    worker's /metrics exports them (also after the worker that saw the name exited)."""
+    result = subprocess.run(
+        [sys.executable, "-W", "error", "-c", MULTIPROCESS_ZEROS],
+        env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    for outcome in ("success", "failure", "cancelled", "skipped", "abandoned"):
+        assert f'taskscope_tasks_total{{outcome="{outcome}",task="app.send"}} 0.0' in result.stdout
+    assert 'taskscope_task_loop_blocks_total{task="app.send"} 0.0' in result.stdout
