@@ -7,6 +7,16 @@ from typing import Any
 from taskscope._record import BlockRecord, TaskRecord
 
 
+def _ids(trace_id: str | None, span_id: str | None) -> dict[str, str]:
+    """The trace and span ids that exist: no ``trace_id=None`` on events without a span."""
+    ids = {}
+    if trace_id:
+        ids["trace_id"] = trace_id
+    if span_id:
+        ids["span_id"] = span_id
+    return ids
+
+
 class LogEvents:
     def __init__(self, logger: Any) -> None:
         self._logger = logger
@@ -20,24 +30,21 @@ class LogEvents:
                 error_type=record.error_type,
                 error=record.error_message,
                 sync=record.sync,
-                trace_id=record.trace_id,
-                span_id=record.span_id,
+                **_ids(record.trace_id, record.span_id),
             )
         elif record.outcome == "skipped":
             self._logger.warning(
                 "task.skipped",
                 task=record.name,
                 reason=record.reason or "an earlier task of the same response failed",
-                trace_id=record.trace_id,
-                span_id=record.span_id,
+                **_ids(record.trace_id, record.span_id),
             )
         elif record.outcome == "abandoned":
             self._logger.warning(
                 "task.abandoned",
                 task=record.name,
                 duration_s=round(record.duration, 6),
-                trace_id=record.trace_id,
-                span_id=record.span_id,
+                **_ids(record.trace_id, record.span_id),
             )
 
     def block_detected(self, block: BlockRecord) -> None:
@@ -51,8 +58,7 @@ class LogEvents:
             # raises on a list, which silently lost every loop_blocked event).
             stack="\n".join(block.stack),
             sampled=block.sampled,
-            trace_id=block.trace_id,
-            span_id=block.span_id,
+            **_ids(block.trace_id, block.span_id),
         )
 
     def block_ended(self, block: BlockRecord) -> None:
@@ -61,12 +67,12 @@ class LogEvents:
             task=block.task,
             duration_s=round(block.duration, 6),
             location=block.location,
-            trace_id=block.trace_id,
-            span_id=block.span_id,
+            **_ids(block.trace_id, block.span_id),
         )
 
     def warning(self, name: str, kind: str, **details: Any) -> None:
-        self._logger.warning(f"task.{kind}", task=name, **details)
+        ids = _ids(details.pop("trace_id", None), details.pop("span_id", None))
+        self._logger.warning(f"task.{kind}", task=name, **details, **ids)
 
     def abandoned_summary(self, names: dict[str, int]) -> None:
         self._logger.warning(
