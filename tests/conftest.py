@@ -80,3 +80,12 @@ def observed() -> Iterator[Observed]:
 @pytest.fixture(params=["asyncio", "trio"])
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real ``redis-server`` on 127.0.0.1 for the session (the queue tests' broker)."""
+    from tests.queue_services import running_redis
+
+    with running_redis(tmp_path_factory.mktemp("redis")) as url:
+        yield url

@@ -31,6 +31,17 @@ class LogEvents:
                 trace_id=record.trace_id,
                 span_id=record.span_id,
             )
+        elif record.outcome in ("revoked", "rejected", "retry"):
+            # Queue workers only (taskscope.celery, taskscope.taskiq).
+            log = self._logger.info if record.outcome == "retry" else self._logger.warning
+            log(
+                f"task.{record.outcome}",
+                task=record.name,
+                reason=record.reason,
+                error_type=record.error_type,
+                trace_id=record.trace_id,
+                span_id=record.span_id,
+            )
         elif record.outcome == "abandoned":
             self._logger.warning(
                 "task.abandoned",
