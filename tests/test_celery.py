@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -306,3 +307,93 @@ def test_queued_needs_a_celery_task() -> None:
     """queued() refuses a plain function (it would never reach the queue)."""
     with pytest.raises(TypeError, match="Celery task"):
         queued(print)
+
+
+SOLO_Q = "taskscope-celery-solo"
+
+
+@dataclass
+class SoloRun:
+    worker: Worker
+    publisher: Observed
+
+
+@contextmanager
+def _solo_worker(redis_url: str, workdir: Path, queue: str, **env: str) -> Iterator[SoloRun]:
+    use_broker(redis_url)
+    publisher = make_observed()
+    instrument_celery(celeryapp.app, publisher.telemetry)
+    full_env = {"TASKSCOPE_TEST_BROKER": redis_url, "TASKSCOPE_TEST_QUEUE": queue, **env}
+    try:
+        with running_worker(
+            workdir,
+            celery_command(queue, "solo", 1),
+            full_env,
+            multiprocess=False,
+            ready=ping_ready,
+        ) as worker:
+            celeryapp.ok.apply_async((1,), queue=queue)
+            celeryapp.fails.apply_async(queue=queue)
+            celeryapp.retry_once.apply_async(queue=queue)
+            celeryapp.ignored.apply_async(queue=queue)
+            yield SoloRun(worker, publisher)
+    finally:
+        uninstrument_celery(celeryapp.app)
+        publisher.tracer_provider.shutdown()
+
+
+SOLO_EXPECTED = {
+    (P + "ok", "success"): 1,
+    (P + "fails", "failure"): 1,
+    (P + "retry_once", "retry"): 1,
+    (P + "retry_once", "success"): 1,
+    (P + "ignored", "skipped"): 1,
+}
+
+
+def test_solo_worker_single_process_metrics(
+    redis_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """--pool=solo (no multiprocess mode): the same exact counts, spans and waits."""
+    workdir = tmp_path_factory.mktemp("celery-solo")
+    with _solo_worker(redis_url, workdir, SOLO_Q) as solo:
+        settle_equal(lambda: totals(solo.worker), SOLO_EXPECTED, what="the solo outcomes")
+        samples = solo.worker.scrape()
+    assert samples[("taskscope_task_wait_seconds_count", (("task", P + "ok"),))] == 1
+    assert all(
+        value == 0 for (name, _), value in samples.items() if name == "taskscope_tasks_in_progress"
+    )
+    names = sorted(s["name"] for s in solo.worker.spans() if s["kind"] == "CONSUMER")
+    assert names == sorted(
+        f"background_task {P}{task}"
+        for task in ("ok", "fails", "retry_once", "retry_once", "ignored")
+    )
+
+
+def test_no_duplicate_spans_with_opentelemetry_instrumentation_celery(
+    redis_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """With the contrib instrumentation on in the worker, its spans stand alone and the
+    log events carry their ids; the metrics are unchanged."""
+    workdir = tmp_path_factory.mktemp("celery-otel")
+    queue = "taskscope-celery-otel"
+    with _solo_worker(redis_url, workdir, queue, TASKSCOPE_TEST_OTEL_CELERY="1") as solo:
+        settle_equal(lambda: totals(solo.worker), SOLO_EXPECTED, what="the outcomes")
+        spans = solo.worker.spans()
+        logs = solo.worker.logs()
+    assert not [s for s in spans if s["name"].startswith(("background_task", "publish "))]
+    consumers = [s for s in spans if s["kind"] == "CONSUMER"]
+    assert sorted(s["name"] for s in consumers) == sorted(
+        f"run/{P}{task}" for task in ("ok", "fails", "retry_once", "retry_once", "ignored")
+    )
+    (fails_span,) = [s for s in consumers if s["name"] == f"run/{P}fails"]
+    (failed,) = [e for e in logs if e["event"] == "task.failed"]
+    assert (failed["trace_id"], failed["span_id"]) == (
+        fails_span["trace_id"],
+        fails_span["span_id"],
+    )
+    # The trace still continues from the publisher's producer span.
+    producers = {
+        f"{s.context.span_id:016x}" for s in solo.publisher.spans() if s.name == f"publish {P}fails"
+    }
+    assert fails_span["parent_id"] in producers
