@@ -18,7 +18,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -129,19 +129,27 @@ def finite_values(result: Sequence[dict[str, Any]]) -> list[float]:
     return values
 
 
-def _config(targets: Sequence[str], rule_files: Sequence[Path]) -> str:
+def _config(
+    targets: Sequence[str],
+    rule_files: Sequence[Path],
+    jobs: Mapping[str, Sequence[str]] | None = None,
+) -> str:
     rules = "".join(f"\n  - {json.dumps(str(path))}" for path in rule_files)
+    scrape = "".join(
+        f"""
+  - job_name: {json.dumps(job)}
+    metrics_path: /metrics
+    static_configs:
+      - targets: {json.dumps(list(job_targets))}"""
+        for job, job_targets in (jobs or {"taskscope": targets}).items()
+    )
     return f"""\
 global:
   scrape_interval: 1s
   scrape_timeout: 1s
   evaluation_interval: 1s
 rule_files:{rules or " []"}
-scrape_configs:
-  - job_name: taskscope
-    metrics_path: /metrics
-    static_configs:
-      - targets: {json.dumps(list(targets))}
+scrape_configs:{scrape}
 """
 
 
@@ -182,11 +190,13 @@ def running_prometheus(
     rule_files: Sequence[Path] = (),
     *,
     startup_timeout: float = 20.0,
+    jobs: Mapping[str, Sequence[str]] | None = None,
 ) -> Iterator[PrometheusServer]:
-    """A Prometheus process scraping ``targets`` (host:port, /metrics) every second."""
+    """A Prometheus process scraping ``targets`` (host:port, /metrics) every second, as
+    job ``taskscope``; or, with ``jobs``, each job's targets under that job name."""
     binary = prometheus_binary()
     config = workdir / "prometheus.yml"
-    config.write_text(_config(targets, rule_files))
+    config.write_text(_config(targets, rule_files, jobs))
     (workdir / "data").mkdir()
     log_path = workdir / "prometheus.log"
     process, port = _start(binary, config, workdir / "data", log_path)
