@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
 import weakref
 from collections import OrderedDict
@@ -47,7 +48,7 @@ _FINALIZED_CAP = 10_000
 
 
 class _Running:
-    __slots__ = ("error", "name", "span", "span_id", "start", "token", "trace_id", "wait")
+    __slots__ = ("error", "name", "otel", "span", "span_id", "start", "token", "trace_id", "wait")
 
     def __init__(self, name: str, start: float, wait: float | None) -> None:
         self.name = name
@@ -58,6 +59,7 @@ class _Running:
         self.trace_id: str | None = None
         self.span_id: str | None = None
         self.error: BaseException | None = None
+        self.otel = False  # opentelemetry-instrumentation-celery makes the spans
 
 
 class CeleryHooks:
@@ -73,6 +75,7 @@ class CeleryHooks:
         self.app = app
         self._explicit = telemetry
         self._telemetry: Telemetry | None = None
+        self._runtime: Runtime | None = None
         self.metrics_port = metrics_port
         self.metrics_addr = metrics_addr
         self.metrics_server: MetricsServer | None = None
@@ -88,9 +91,11 @@ class CeleryHooks:
 
     @property
     def runtime(self) -> Runtime:
-        if self._telemetry is None:
+        runtime = self._runtime
+        if runtime is None:  # resolved at first use (never at instrument time), then kept
             self._telemetry = resolve(self._explicit)
-        return runtime_of(self._telemetry)
+            runtime = self._runtime = runtime_of(self._telemetry)
+        return runtime
 
     # -- wiring ------------------------------------------------------------------------
     def connect(self) -> None:
@@ -180,25 +185,25 @@ class CeleryHooks:
         if not self._ours(task):
             return
         runtime = self.runtime
-        request = task.request
+        headers = _headers_of(task.request)  # the message's headers, as Celery received them
         run = _Running(
             runtime.names.admit(task.name),
             runtime.telemetry.clock(),
             messages.queue_wait(
-                getattr(request, messages.PUBLISHED_AT, None),
-                getattr(request, "eta", None),
-                messages.wall_clock(),
+                headers.get(messages.PUBLISHED_AT), headers.get("eta"), messages.wall_clock()
             ),
         )
         if _otel_celery_active():
+            run.otel = True
             run.trace_id, run.span_id = messages.span_ids(_otel_span(task, task_id))
+        elif runtime.tracer is None:  # no spans: the trace id alone, for logs and exemplars
+            run.trace_id = messages.trace_id_of_header(headers.get("traceparent"))
         else:
-            parent = messages.extract_context(lambda key: getattr(request, key, None))
-            delivery = getattr(request, "delivery_info", None) or {}
+            delivery = headers.get("delivery_info") or {}
             run.span, run.token = messages.start_consumer_span(
                 runtime,
                 run.name,
-                parent,
+                messages.extract_context(headers.get),
                 wait=run.wait,
                 system=SYSTEM,
                 attributes=_destination(task_id, delivery.get("routing_key")),
@@ -241,7 +246,7 @@ class CeleryHooks:
         end = runtime.telemetry.clock()
         runtime.untrack(id(run))
         runtime.task_finished(run.name)
-        if run.trace_id is None and _otel_celery_active():
+        if run.otel and run.trace_id is None:
             run.trace_id, run.span_id = messages.span_ids(_otel_span(task, task_id))
         outcome = _STATES.get(state)
         if outcome is None:
@@ -444,6 +449,12 @@ def _destination(message_id: object, routing_key: object) -> dict[str, Any]:
     return attributes
 
 
+def _headers_of(request: Any) -> dict[str, Any]:
+    """A task's Context keeps the message headers as attributes (in its ``__dict__``)."""
+    found = getattr(request, "__dict__", None)
+    return found if isinstance(found, dict) else {}
+
+
 def _request_getter_of(request: Any) -> Callable[[str], object]:
     return lambda key: getattr(request, key, None)
 
@@ -459,8 +470,6 @@ def _is_revoked(task_id: str) -> bool:
 
 def _otel_celery_active() -> bool:
     """opentelemetry-instrumentation-celery is on: its spans stand, taskscope adds none."""
-    import sys
-
     module = sys.modules.get("opentelemetry.instrumentation.celery")
     if module is None:
         return False

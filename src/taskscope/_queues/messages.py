@@ -78,6 +78,23 @@ def extract_context(getter: Callable[[str], object]) -> Context:
     return extract(carrier) if carrier else otel_context.Context()
 
 
+def trace_id_of_header(traceparent: object) -> str | None:
+    """The trace id of a W3C ``traceparent`` value, without a propagator (no spans made)."""
+    if (
+        isinstance(traceparent, str)
+        and len(traceparent) >= 55
+        and traceparent[2] == "-"
+        and traceparent[35] == "-"
+    ):
+        trace_id = traceparent[3:35]
+        try:
+            valid = int(trace_id, 16) != 0 and "_" not in trace_id and " " not in trace_id
+        except ValueError:
+            return None
+        return trace_id.lower() if valid else None
+    return None
+
+
 def span_ids(span: Span | None) -> tuple[str | None, str | None]:
     if span is None:
         return None, None
