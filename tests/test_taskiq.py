@@ -178,3 +178,10 @@ def test_queued_needs_a_taskiq_task() -> None:
     """queued() refuses a plain function (it would never reach the queue)."""
     with pytest.raises(TypeError, match="taskiq task"):
         queued(print)
+
+
+def test_span_says_how_the_worker_ran_the_task(run: Run) -> None:
+    """taskscope.task.sync: True for a ``def`` task (thread pool), False for ``async def``."""
+    spans = {s["name"]: s for s in run.worker.spans() if s["kind"] == "CONSUMER"}
+    assert spans[f"background_task {P}sync_ok"]["attributes"]["taskscope.task.sync"] is True
+    assert spans[f"background_task {P}ok"]["attributes"]["taskscope.task.sync"] is False

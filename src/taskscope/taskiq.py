@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -84,6 +85,18 @@ class TaskscopeMiddleware(TaskiqMiddleware):
         self.metrics_addr = metrics_addr
         self.metrics_server: MetricsServer | None = None
         self._running: dict[str, _Running] = {}
+        self._sync: dict[str, bool] = {}
+
+    def _is_sync(self, task_name: str) -> bool:
+        """A ``def`` task (run in the worker's thread pool), not an ``async def`` one."""
+        found = self._sync.get(task_name)
+        if found is None:
+            task = self.broker.find_task(task_name) if self.broker is not None else None
+            func = getattr(task, "original_func", None)
+            found = func is not None and not inspect.iscoroutinefunction(func)
+            if len(self._sync) < 4096:
+                self._sync[task_name] = found
+        return found
 
     @property
     def runtime(self) -> Runtime:
@@ -154,6 +167,7 @@ class TaskscopeMiddleware(TaskiqMiddleware):
             wait=wait,
             system=SYSTEM,
             attributes={"messaging.message.id": message.task_id},
+            sync=self._is_sync(message.task_name),
         )
         run.trace_id, run.span_id = messages.span_ids(run.span)
         run.start = runtime.telemetry.clock()
@@ -196,7 +210,7 @@ class TaskscopeMiddleware(TaskiqMiddleware):
             TaskRecord(
                 run.name,
                 outcome,
-                False,
+                self._is_sync(message.task_name),
                 end - run.start,
                 run.wait,
                 error_type=error_type,

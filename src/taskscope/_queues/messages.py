@@ -141,6 +141,7 @@ def start_consumer_span(
     wait: float | None,
     system: str,
     attributes: Mapping[str, Any],
+    sync: bool = True,
 ) -> tuple[Span | None, object]:
     """``background_task {task}``, kind CONSUMER, made current; parent from the message."""
     try:
@@ -158,7 +159,7 @@ def start_consumer_span(
             kind=SpanKind.CONSUMER,
             attributes={
                 "code.function.name": name,
-                "taskscope.task.sync": True,
+                "taskscope.task.sync": sync,
                 "taskscope.task.wait_s": wait if wait is not None else 0.0,
                 "messaging.system": system,
                 "messaging.operation.type": "process",
