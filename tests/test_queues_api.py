@@ -12,6 +12,8 @@ import textwrap
 import pytest
 from celery import Celery
 from celery.exceptions import Ignore
+from opentelemetry.context import Context
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 
 import taskscope.celery
 import taskscope.taskiq
@@ -126,3 +128,46 @@ def test_instrument_celery_records_only_its_own_app(observed: Observed) -> None:
         "background_task ours.work",
         "background_task ours.ignored",
     ]
+
+
+class _OpenSpans(SpanProcessor):
+    """Counts spans started and not ended (a leaked span never reaches an exporter)."""
+
+    def __init__(self) -> None:
+        self.open = 0
+        self.started = 0
+
+    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
+        self.open += 1
+        self.started += 1
+
+    def on_end(self, span: ReadableSpan) -> None:
+        self.open -= 1
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_taskiq_send_failure_leaks_no_span(observed: Observed) -> None:
+    """taskiq calls no middleware when sending fails: no producer span may stay open, and
+    queued() (an in-process task) fails with the send error."""
+    from taskiq.exceptions import SendTaskError
+    from taskiq_redis import ListQueueBroker
+
+    from taskscope.taskiq import TaskscopeMiddleware, queued
+
+    spans = _OpenSpans()
+    observed.tracer_provider.add_span_processor(spans)
+    broker = ListQueueBroker("redis://127.0.0.1:9", queue_name="nowhere").with_middlewares(
+        TaskscopeMiddleware(observed.telemetry)
+    )
+
+    @broker.task(task_name="tests.unsent")
+    async def unsent() -> None: ...
+
+    publish = queued(unsent)
+    with pytest.raises(SendTaskError):
+        await publish()
+    await broker.shutdown()
+    assert spans.started == 1
+    assert spans.open == 0
+    assert publish.__taskscope_name__ == "publish:tests.unsent"
