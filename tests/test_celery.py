@@ -359,6 +359,8 @@ def test_solo_worker_single_process_metrics(
     with _solo_worker(redis_url, workdir, SOLO_Q) as solo:
         settle_equal(lambda: totals(solo.worker), SOLO_EXPECTED, what="the solo outcomes")
         samples = solo.worker.scrape()
+    # One process: nothing to warn about (the prefork warning is for pool processes).
+    assert "task.prefork_without_multiprocess" not in {e["event"] for e in solo.worker.logs()}
     assert samples[("taskscope_task_wait_seconds_count", (("task", P + "ok"),))] == 1
     assert all(
         value == 0 for (name, _), value in samples.items() if name == "taskscope_tasks_in_progress"
@@ -397,3 +399,23 @@ def test_no_duplicate_spans_with_opentelemetry_instrumentation_celery(
         f"{s.context.span_id:016x}" for s in solo.publisher.spans() if s.name == f"publish {P}fails"
     }
     assert fails_span["parent_id"] in producers
+
+
+def test_prefork_without_multiprocess_mode_warns(
+    redis_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A prefork worker without PROMETHEUS_MULTIPROC_DIR would export almost nothing of its
+    pool processes: taskscope says so at start (log event and warnings counter)."""
+    use_broker(redis_url)
+    queue = "taskscope-celery-prefork-single"
+    env = {"TASKSCOPE_TEST_BROKER": redis_url, "TASKSCOPE_TEST_QUEUE": queue}
+    workdir = tmp_path_factory.mktemp("celery-prefork-single")
+    with running_worker(
+        workdir, celery_command(queue, "prefork"), env, multiprocess=False, ready=ping_ready
+    ) as worker:
+        warned = worker.value(
+            "taskscope_task_warnings_total", task="__worker__", kind="prefork_without_multiprocess"
+        )
+        events = [e["event"] for e in worker.logs()]
+    assert warned == 1
+    assert events.count("task.prefork_without_multiprocess") == 1
