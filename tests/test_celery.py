@@ -285,6 +285,9 @@ def test_publish_failure_ends_the_producer_span(observed: Observed) -> None:
         )
         == 1
     )
+    (logged,) = observed.logs.named("task.publish_failed")
+    assert logged["task"] == "tests.unreachable"
+    assert logged["trace_id"] == f"{span.context.trace_id:032x}"
 
 
 def test_uninstrument_restores_the_app(observed: Observed) -> None:
