@@ -110,7 +110,7 @@ class TaskscopeMiddleware(TaskiqMiddleware):
             return
         runtime = self.runtime
         if runtime.telemetry.loop_probe:
-            from taskscope._probe import start_loop_probe
+            from taskscope import start_loop_probe
 
             await start_loop_probe(runtime.telemetry)
         if self.metrics_port is not None and self.metrics_server is None:
