@@ -163,3 +163,19 @@ def test_job_variable_lists_the_worker(stack: tuple[PrometheusServer, Worker]) -
         "/api/v1/label/job/values", **{"match[]": "taskscope_tasks_total"}
     )
     assert set(jobs) == {"web", "worker"}
+
+
+def test_alerts_without_for_fire_for_the_worker(stack: tuple[PrometheusServer, Worker]) -> None:
+    """Alerts without ``for:`` fire at once for the worker job (Ignore -> skipped)."""
+    prometheus, _ = stack
+
+    def firing() -> set[tuple[str, str, str]] | None:
+        found = {
+            (a["labels"]["alertname"], a["labels"].get("job", ""), a["labels"].get("task", ""))
+            for a in prometheus.get("/api/v1/alerts")["alerts"]
+            if a["state"] == "firing"
+        }
+        return found or None
+
+    found = wait_for(firing, timeout=15, what="a firing alert")
+    assert ("TaskscopeTasksSkipped", "worker", "tests.celeryapp.ignored") in found
