@@ -22,9 +22,9 @@ KEY = '["taskscope_tasks_total", "taskscope_tasks_total", {"task": "t"}, "h"]'
 
 def _half_written(path: Path) -> tuple[int, bytes]:
     """A real MmapedDict file whose key bytes are not written yet; (offset, the key)."""
-    values = MmapedDict(str(path))
-    values.write_value(KEY, 1.0, 0.0)
-    values.close()
+    values = MmapedDict(str(path))  # type: ignore[no-untyped-call]
+    values.write_value(KEY, 1.0, 0.0)  # type: ignore[no-untyped-call]
+    values.close()  # type: ignore[no-untyped-call]
     data = bytearray(path.read_bytes())
     offset = data.index(KEY.encode())
     data[offset : offset + len(KEY)] = b"\x00" * len(KEY)
