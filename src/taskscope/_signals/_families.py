@@ -9,6 +9,10 @@ from taskscope._signals._buckets import BLOCK_SECONDS, LAG_SECONDS, TASK_SECONDS
 
 OUTCOMES: tuple[str, ...] = get_args(Outcome)
 """Every outcome of ``taskscope_tasks_total``."""
+ZEROED_OUTCOMES = ("success", "failure", "cancelled", "skipped", "abandoned")
+"""The outcomes created at 0 with a task name: those of in-process tasks. The queue-only
+ones (``retry``, ``revoked``, ``rejected``) appear with their first occurrence, so a web
+app does not carry three empty series per task name."""
 WARNING_KINDS = ("coroutine_not_awaited", "too_many_tasks")
 """Every ``kind`` of ``taskscope_task_warnings_total``."""
 
@@ -97,7 +101,7 @@ def zero_series(name: str) -> list[tuple[str, tuple[str, ...]]]:
     first failure, for the failure-ratio alert) would never fire an alert.
     """
     return [
-        *(("tasks", (name, outcome)) for outcome in OUTCOMES),
+        *(("tasks", (name, outcome)) for outcome in ZEROED_OUTCOMES),
         ("loop_blocks", (name,)),
         *(("warnings", (name, kind)) for kind in WARNING_KINDS),
     ]
