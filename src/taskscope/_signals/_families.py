@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple, get_args
+from typing import Literal, NamedTuple
 
-from taskscope._record import Outcome
 from taskscope._signals._buckets import BLOCK_SECONDS, LAG_SECONDS, TASK_SECONDS
 
-OUTCOMES: tuple[str, ...] = get_args(Outcome)
-"""Every outcome of ``taskscope_tasks_total``."""
 ZEROED_OUTCOMES = ("success", "failure", "cancelled", "skipped", "abandoned")
 """The outcomes created at 0 with a task name: those of in-process tasks. The queue-only
 ones (``retry``, ``revoked``, ``rejected``) appear with their first occurrence, so a web
