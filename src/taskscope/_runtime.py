@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from taskscope._config import Telemetry
-from taskscope._naming import NameLimiter
+from taskscope._naming import OTHER, ErrorTypeLimiter, NameLimiter
 from taskscope._version import __version__
 
 if TYPE_CHECKING:
@@ -64,7 +64,17 @@ class Runtime:
 
     def __init__(self, telemetry: Telemetry) -> None:
         self.telemetry = telemetry
-        self.names = NameLimiter(telemetry.max_task_names)
+        self.names = NameLimiter(
+            telemetry.max_task_names,
+            redact=telemetry.redact,
+            on_overflow=lambda: self.label_overflow(OTHER, "task_name_overflow"),
+        )
+        self.error_types = ErrorTypeLimiter(
+            telemetry.max_error_types_per_task,
+            telemetry.max_error_types,
+            on_overflow=lambda task: self.label_overflow(task, "error_type_overflow"),
+        )
+        self._overflow_logged: set[str] = set()
         self.absorbed_errors = 0
         self.prometheus: Any = None
         self.otel_metrics: Any = None
@@ -147,6 +157,13 @@ class Runtime:
     def record(self, record: TaskRecord) -> None:
         if self.exited:  # already recorded as abandoned at exit: one outcome per task
             return
+        if record.error_type is not None:  # bounded and cleaned once, for every sink
+            try:
+                bounded = self.error_types.admit(record.name, record.error_type)
+            except Exception:
+                self.absorb("prometheus")
+                bounded = OTHER
+            record = record._replace(error_type=bounded)
         for signal, sink in self._sinks:
             try:
                 sink.record(record)
@@ -188,6 +205,24 @@ class Runtime:
                     sink.warning(name, kind)
             except Exception:
                 self.absorb(signal)
+
+    def label_overflow(self, task: str, kind: str) -> None:
+        """A label value became ``__other__``: counted in ``taskscope_task_warnings_total``
+        (``kind`` = ``task_name_overflow`` or ``error_type_overflow``) every time, and
+        logged once per kind (a log line per task would flood the log)."""
+        for signal, sink in self._metric_sinks:
+            try:
+                sink.warning(task, kind)
+            except Exception:
+                self.absorb(signal)
+        if kind not in self._overflow_logged:
+            self._overflow_logged.add(kind)
+            t = self.telemetry
+            limit = t.max_task_names if kind == "task_name_overflow" else t.max_error_types
+            try:
+                self.logs.warning(task, kind, limit=limit)
+            except Exception:
+                self.absorb("logging")
 
     # -- accounting of tasks not yet ended ------------------------------------------------
     def track(self, key: int, name: str, start: float) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from taskscope._record import BlockRecord, TaskRecord
+from taskscope._safe import safe_text
 
 
 class LogEvents:
@@ -17,8 +18,8 @@ class LogEvents:
                 "task.failed",
                 task=record.name,
                 duration_s=round(record.duration, 6),
-                error_type=record.error_type,
-                error=record.error_message,
+                error_type=safe_text(record.error_type or ""),
+                error=safe_text(record.error_message or ""),
                 sync=record.sync,
                 trace_id=record.trace_id,
                 span_id=record.span_id,
@@ -46,10 +47,10 @@ class LogEvents:
             task=block.task,
             duration_s=round(block.duration, 6),
             ongoing=block.ongoing,
-            location=block.location,
+            location=safe_text(block.location),
             # structlog reserves "stack" for a formatted stack string (ConsoleRenderer
             # raises on a list, which silently lost every loop_blocked event).
-            stack="\n".join(block.stack),
+            stack=safe_text("\n".join(block.stack)),
             sampled=block.sampled,
             trace_id=block.trace_id,
             span_id=block.span_id,
@@ -60,7 +61,7 @@ class LogEvents:
             "task.loop_unblocked",
             task=block.task,
             duration_s=round(block.duration, 6),
-            location=block.location,
+            location=safe_text(block.location),
             trace_id=block.trace_id,
             span_id=block.span_id,
         )
