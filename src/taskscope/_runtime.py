@@ -218,9 +218,13 @@ class Runtime:
         if kind not in self._overflow_logged:
             self._overflow_logged.add(kind)
             t = self.telemetry
-            limit = t.max_task_names if kind == "task_name_overflow" else t.max_error_types
+            limits: dict[str, int] = (
+                {"limit": t.max_task_names}
+                if kind == "task_name_overflow"
+                else {"limit": t.max_error_types, "limit_per_task": t.max_error_types_per_task}
+            )
             try:
-                self.logs.warning(task, kind, limit=limit)
+                self.logs.warning(task, kind, **limits)
             except Exception:
                 self.absorb("logging")
 

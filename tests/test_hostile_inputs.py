@@ -1,0 +1,258 @@
+"""Hostile input through a real app: nothing raises into it, nothing breaks, nothing leaks."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as parse_openmetrics,
+)
+from prometheus_client.parser import text_string_to_metric_families as parse_text
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.testclient import TestClient
+
+from taskscope import BackgroundTasks, instrument_app, task_name
+from taskscope._naming import callable_name
+from taskscope.exposition import MetricsApp
+from tests.conftest import Observed, make_observed
+
+OPENMETRICS = "application/openmetrics-text; version=1.0.0"
+CANARY = "zq81CANARYx7"
+
+
+class RaisingMeta(type):
+    """Classes of this metaclass raise when asked for their name or module."""
+
+    def __getattribute__(cls, name: str) -> Any:
+        if name in ("__module__", "__qualname__", "__name__"):
+            raise RuntimeError(f"no {name}")
+        return super().__getattribute__(name)
+
+
+class HostileCallable(metaclass=RaisingMeta):
+    def __init__(self, ran: list[str]) -> None:
+        self.ran = ran
+
+    async def __call__(self) -> None:
+        self.ran.append("hostile")
+
+
+def app_with(observed: Observed, add: Any) -> Starlette:
+    """A Starlette app: /work adds tasks with ``add(tasks)``; /metrics serves the registry."""
+
+    async def work(request: Request) -> Response:
+        tasks = BackgroundTasks()
+        add(tasks)
+        return Response("ok", background=tasks)
+
+    app = Starlette(
+        routes=[
+            Route("/work", work),
+            Route("/metrics", MetricsApp(observed.registry, gzip=False)),
+        ]
+    )
+    instrument_app(app, observed.telemetry)
+    return app
+
+
+def scrape_both_formats(client: TestClient) -> list[str]:
+    """Both exposition formats answer 200 and parse (prometheus_client's parsers)."""
+    bodies = []
+    for accept in ("text/plain", OPENMETRICS):
+        response = client.get("/metrics", headers={"Accept": accept})
+        assert response.status_code == 200, response.text
+        bodies.append(response.text)
+    list(parse_text(bodies[0]))
+    list(parse_openmetrics(bodies[1]))
+    return bodies
+
+
+def promtool_accepts(text: str) -> None:
+    """``promtool check metrics`` (classic text format) finds no error."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (scripts/ensure-system-tools)")
+    result = subprocess.run(
+        [promtool, "check", "metrics"], input=text, capture_output=True, text=True, check=False
+    )
+    # Exit 0: clean; 3: lint warnings only (e.g. counter naming); 1: a parse error.
+    assert result.returncode in (0, 3), result.stderr + result.stdout
+    assert "error" not in (result.stderr + result.stdout).lower()
+
+
+def test_a_hostile_callable_runs_and_the_rest_of_the_response_too(observed: Observed) -> None:
+    """__qualname__/__module__ that raise: the task and those after it run, recorded once."""
+    ran: list[str] = []
+
+    def add(tasks: BackgroundTasks) -> None:
+        tasks.add_task(ran.append, "first")
+        tasks.add_task(HostileCallable(ran))
+        tasks.add_task(ran.append, "last")
+
+    with TestClient(app_with(observed, add)) as client:
+        assert client.get("/work").status_code == 200
+    assert ran == ["first", "hostile", "last"]
+    outcomes = observed.outcomes()
+    assert outcomes[("tests.test_hostile_inputs.HostileCallable", "success")] == 1
+    assert sum(outcomes.values()) == 3
+    assert len(observed.task_spans()) == 3
+    assert observed.value("taskscope_instrumentation_errors_total", signal="tracing") == 0
+
+
+def test_one_bad_task_name_never_breaks_metrics(observed: Observed) -> None:
+    """A lone surrogate, NUL and a newline in a name: every scrape still parses."""
+
+    @task_name("files.report_\udcff\x00\nname")
+    def bad() -> None: ...
+
+    def add(tasks: BackgroundTasks) -> None:
+        tasks.add_task(bad)
+
+    with TestClient(app_with(observed, add)) as client:
+        client.get("/work")
+        text, _ = scrape_both_formats(client)
+        client.get("/work")
+        scrape_both_formats(client)  # and the next scrape too
+    assert 'task="files.report_\\\\udcff\\\\x00\\\\x0aname"' in text
+    promtool_accepts(text)
+    names = {span.name for span in observed.task_spans()}
+    assert names == {"background_task files.report_\\udcff\\x00\\x0aname"}
+
+
+def test_an_unencodable_label_of_another_collector_is_escaped(observed: Observed) -> None:
+    """The app's own metric with a lone surrogate does not break taskscope's /metrics."""
+    counter = Counter("app_files", "Files \udcff", ["name"], registry=observed.registry)
+    counter.labels(name="bad\udcff").inc()
+    with TestClient(app_with(observed, lambda tasks: None)) as client:
+        text, openmetrics = scrape_both_formats(client)
+    assert 'app_files_total{name="bad\\\\udcff"} 1.0' in text
+    assert 'name="bad\\\\udcff"' in openmetrics
+    promtool_accepts(text)
+
+
+def test_error_types_are_bounded_and_the_overflow_counted() -> None:
+    """30 exception classes from one task: 5 series + __other__; 25 overflows counted."""
+    observed = make_observed(max_error_types_per_task=5, loop_probe=False)
+    errors = [type(f"Error{i}", (Exception,), {}) for i in range(30)]
+
+    def fail(index: int) -> None:
+        raise errors[index]()
+
+    for index in range(30):
+        tasks = BackgroundTasks(telemetry=observed.telemetry)
+        tasks.add_task(fail, index)
+        with pytest.raises(errors[index]):
+            _run(tasks)
+    task = callable_name(fail)
+    series = {
+        s.labels["error_type"]: s.value
+        for m in observed.registry.collect()
+        if m.name == "taskscope_task_failures"
+        for s in m.samples
+        if s.name.endswith("_total")
+    }
+    assert series == {**{f"Error{i}": 1.0 for i in range(5)}, "__other__": 25.0}
+    kind = "error_type_overflow"
+    assert observed.value("taskscope_task_warnings_total", task=task, kind=kind) == 25
+    (event,) = observed.logs.named("task.error_type_overflow")  # logged once
+    assert (event["limit"], event["limit_per_task"]) == (1000, 5)
+    otel = {
+        point.attributes["error_type"]
+        for metric in _otel_metrics(observed)
+        if metric.name == "taskscope.task.failures"
+        for point in metric.data.data_points
+    }
+    assert otel == {*(f"Error{i}" for i in range(5)), "__other__"}
+    (failed,) = {e["error_type"] for e in observed.logs.named("task.failed")[-1:]}
+    assert failed == "__other__"
+
+
+def test_the_overall_error_type_cap_holds_across_tasks() -> None:
+    """max_error_types bounds the (task, error_type) pairs of all tasks together."""
+    observed = make_observed(max_error_types=3, max_error_types_per_task=10, loop_probe=False)
+    for index in range(6):
+
+        @task_name(f"t{index}")
+        def fail() -> None:
+            raise ValueError
+
+        tasks = BackgroundTasks(telemetry=observed.telemetry)
+        tasks.add_task(fail)
+        with pytest.raises(ValueError):
+            _run(tasks)
+    pairs = [
+        (s.labels["task"], s.labels["error_type"])
+        for m in observed.registry.collect()
+        if m.name == "taskscope_task_failures"
+        for s in m.samples
+        if s.name.endswith("_total")
+    ]
+    assert sorted(pairs)[:3] == [("t0", "ValueError"), ("t1", "ValueError"), ("t2", "ValueError")]
+    assert sorted(pairs)[3:] == [(f"t{i}", "__other__") for i in range(3, 6)]
+
+
+def test_task_name_overflow_is_counted_and_logged_once() -> None:
+    """Past max_task_names, each task named __other__ is counted; one log line."""
+    observed = make_observed(max_task_names=2, loop_probe=False)
+    for index in range(5):
+        tasks = BackgroundTasks(telemetry=observed.telemetry)
+        tasks.add_task(task_name(f"n{index}")(lambda: None))
+        _run(tasks)
+    assert observed.value("taskscope_tasks_total", task="__other__", outcome="success") == 3
+    kind = "task_name_overflow"
+    assert observed.value("taskscope_task_warnings_total", task="__other__", kind=kind) == 3
+    (event,) = observed.logs.named("task.task_name_overflow")
+    assert event["limit"] == 2
+
+
+def test_a_secret_in_a_task_name_is_redacted_everywhere(observed: Observed) -> None:
+    """Names are user data: a token in a name never reaches metrics, spans or logs."""
+
+    @task_name(f"reports.export?token={CANARY}")
+    def export() -> None:
+        raise RuntimeError(f"failed for {{'password': b'{CANARY}'}}")
+
+    def add(tasks: BackgroundTasks) -> None:
+        tasks.add_task(export)
+
+    with (
+        TestClient(app_with(observed, add), raise_server_exceptions=False) as client,
+    ):
+        client.get("/work")
+        bodies = scrape_both_formats(client)
+    assert 'task="reports.export?token=***"' in bodies[0]
+    outputs = [*bodies, repr(observed.logs.events)]
+    outputs += [span.to_json() for span in observed.spans()]
+    assert not [out for out in outputs if CANARY in out]
+
+
+def _run(tasks: BackgroundTasks) -> None:
+    import anyio
+
+    anyio.run(tasks)
+
+
+def _otel_metrics(observed: Observed) -> list[Any]:
+    data = observed.metric_reader.get_metrics_data()
+    assert data is not None
+    return [
+        metric
+        for resource in data.resource_metrics
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+    ]
+
+
+def test_metrics_app_over_an_empty_registry_still_parses() -> None:
+    """Sanity of the helpers above: an empty registry scrapes and parses."""
+    observed = make_observed()
+    observed.registry = CollectorRegistry()
+    with TestClient(app_with(observed, lambda tasks: None)) as client:
+        scrape_both_formats(client)
