@@ -70,7 +70,7 @@ def scrape_both_formats(client: TestClient) -> list[str]:
         assert response.status_code == 200, response.text
         bodies.append(response.text)
     list(parse_text(bodies[0]))
-    list(parse_openmetrics(bodies[1]))
+    list(parse_openmetrics(bodies[1]))  # type: ignore[no-untyped-call]
     return bodies
 
 
