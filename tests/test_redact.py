@@ -25,6 +25,8 @@ CANARY = "zq81CANARYx7"
         f"{{'credentials': {{'user': 'bob', 'pw': '{CANARY}'}}}}",  # nested dict
         f"{{'auth': ['{CANARY}', 'x']}}",  # list value
         json.dumps({"outer": json.dumps({"password": CANARY})}),  # JSON inside JSON
+        json.dumps(json.dumps(json.dumps({"password": CANARY}))),  # escaped three times
+        repr(json.dumps({"outer": json.dumps({"token": CANARY})})),  # KeyError's str(): a repr
         f"[('token', '{CANARY}')]",  # pairs
         f"postgres://user:{CANARY}@db:5432/app",  # connection URL
         f"redis://:{CANARY}/x@cache:6379",  # password with "/"

@@ -14,12 +14,12 @@ _KEY_NAMES = (
     r"|access[_\-]?key|private[_\-]?key|auth|credential|session|cookie|signature)"
     r"[a-z0-9_.\-]*"
 )
-# key, then either a closing quote of the key (dict/JSON keys, also backslash-escaped JSON
-# inside a string) and a separator (a comma too: ("token", "x") pairs), or a bare
+# key, then either a closing quote of the key (dict/JSON keys, also JSON escaped once or
+# more inside strings) and a separator (a comma too: ("token", "x") pairs), or a bare
 # separator; the value is found by _value_end().
 _KEY_VALUE = re.compile(
     r"(?i)\b(?:" + _KEY_NAMES + r")"
-    r"(?:(?P<quote>\\?[\"'])\s*(?:=>|[=:,])\s*|\s*(?:=>|[=:])\s*)",
+    r"(?:(?P<quote>\\*[\"'])\s*(?:=>|[=:,])\s*|\s*(?:=>|[=:])\s*)",
 )
 _QUOTES = "\"'"
 _OPEN = {"{": "}", "[": "]", "(": ")"}
@@ -89,9 +89,15 @@ def _value_end(text: str, start: int, *, escaped_quotes: bool) -> int:
         prefix += 1
     if i + prefix < n and text[i + prefix] in _QUOTES:
         return _quoted_end(text, i + prefix)
-    if escaped_quotes and text.startswith(("\\'", '\\"'), i):
-        closing = text.find(text[i : i + 2], i + 2)
-        return n if closing < 0 else closing + 2
+    if escaped_quotes and i < n and text[i] == "\\":
+        # a string inside a string (inside a string...): \"x\", \\\"x\\\" and so on
+        j = i
+        while j < n and text[j] == "\\":
+            j += 1
+        if j < n and text[j] in _QUOTES:
+            opening = text[i : j + 1]
+            closing = text.find(opening, j + 1)
+            return n if closing < 0 else closing + len(opening)
     if i < n and text[i] in _OPEN:
         return _bracket_end(text, i)
     while i < n and text[i] not in _BARE_END:
