@@ -306,7 +306,8 @@ def check_otlp(observed: Observed) -> bytes:
         for metric in scope.metrics
         for point in getattr(metric, metric.WhichOneof("data")).data_points
     ]
-    assert [len(p.attributes) for p in proto_points] == [len(p.attributes) for p in sdk_points]
+    sdk_counts = [len(dict(p.attributes or {})) for p in sdk_points]
+    assert [len(p.attributes) for p in proto_points] == sdk_counts
     serialized: bytes = request.SerializeToString() + metrics.SerializeToString()
     return serialized
 
