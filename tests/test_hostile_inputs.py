@@ -352,3 +352,30 @@ def test_a_hostile_exception_class_costs_neither_the_outcome_nor_the_span() -> N
     del raised
     if problem is not None:
         pytest.fail(problem, pytrace=False)
+
+
+def test_cancellations_do_not_use_up_the_error_type_cap() -> None:
+    """Only failures' error types are labels: a cancelled task takes no slot of the cap."""
+    import asyncio
+
+    observed = make_observed(max_error_types_per_task=1, loop_probe=False)
+
+    @task_name("jobs.flaky")
+    async def cancelled() -> None:
+        raise asyncio.CancelledError
+
+    @task_name("jobs.flaky")
+    def failing() -> None:
+        raise ValueError
+
+    first = BackgroundTasks(telemetry=observed.telemetry)
+    first.add_task(cancelled)
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(first())
+    second = BackgroundTasks(telemetry=observed.telemetry)
+    second.add_task(failing)
+    with pytest.raises(ValueError):
+        _run(second)
+    labels = {"task": "jobs.flaky", "error_type": "ValueError"}
+    assert observed.value("taskscope_task_failures_total", **labels) == 1
+    assert observed.outcomes() == {("jobs.flaky", "cancelled"): 1, ("jobs.flaky", "failure"): 1}

@@ -17,6 +17,7 @@ import structlog
 
 from taskscope._config import Telemetry
 from taskscope._naming import OTHER, ErrorTypeLimiter, NameLimiter
+from taskscope._safe import safe_text
 from taskscope._version import __version__
 
 if TYPE_CHECKING:
@@ -157,13 +158,16 @@ class Runtime:
     def record(self, record: TaskRecord) -> None:
         if self.exited:  # already recorded as abandoned at exit: one outcome per task
             return
-        if record.error_type is not None:  # bounded and cleaned once, for every sink
+        if record.error_type is not None:  # cleaned (and bounded) once, for every sink
             try:
-                bounded = self.error_types.admit(record.name, record.error_type)
+                if record.outcome == "failure":  # the error_type label of the failures
+                    error_type = self.error_types.admit(record.name, record.error_type)
+                else:  # the interruption of a cancelled task: no label, not capped
+                    error_type = safe_text(record.error_type, single_line=True, max_length=200)
             except Exception:
                 self.absorb("prometheus")
-                bounded = OTHER
-            record = record._replace(error_type=bounded)
+                error_type = OTHER
+            record = record._replace(error_type=error_type)
         for signal, sink in self._sinks:
             try:
                 sink.record(record)
