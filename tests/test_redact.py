@@ -66,3 +66,9 @@ def test_only_the_secret_is_masked(text: str, expected: str) -> None:
 def test_output_is_encodable() -> None:
     """The default redactor's output can be exported: lone surrogates and NUL escaped."""
     assert redact_secrets("bad \udcff\x00 password=x") == "bad \\udcff\\x00 password=***"
+
+
+def test_stack_trace_lines_are_left_alone() -> None:
+    """A file named like a secret key is not a key: its line number stays readable."""
+    line = 'File "/app/auth/session.py", line 3, in refresh_token'
+    assert redact_secrets(line) == line

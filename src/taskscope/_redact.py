@@ -19,9 +19,10 @@ _KEY_NAMES = (
 # separator; the value is found by _value_end().
 _KEY_VALUE = re.compile(
     r"(?i)\b(?:" + _KEY_NAMES + r")"
-    r"(?:(?P<quote>\\*[\"'])\s*(?:=>|[=:,])\s*|\s*(?:=>|[=:])\s*)",
+    r"(?:(?P<quote>\\*[\"'])\s*(?P<sep>=>|[=:,])\s*|\s*(?:=>|[=:])\s*)",
 )
 _QUOTES = "\"'"
+_QUOTED_START = re.compile(r"[bBrRuU]{0,2}\\*[\"']")
 _OPEN = {"{": "}", "[": "]", "(": ")"}
 # Where an unquoted value ends.
 _BARE_END = set(" \t\r\n,;&'\"}])<>")
@@ -68,7 +69,9 @@ def _mask_key_values(text: str) -> str:
             break
         start = match.end()
         end = _value_end(text, start, escaped_quotes=(match.group("quote") or "").startswith("\\"))
-        if end == start:  # nothing after the separator
+        if match.group("sep") == "," and not _QUOTED_START.match(text, start):
+            end = start  # ("token", "x") pairs only: not 'File "session.py", line 3'
+        if end == start:  # nothing after the separator (or not a value)
             out.append(text[position:start])
             position = start
             continue
