@@ -225,17 +225,20 @@ def _read(obj: object, name: str) -> Any:
 
 def _format_one(exc: BaseException, lines: list[str]) -> None:
     tb: TracebackType | None = _read(exc, "__traceback__")
-    frames: list[str] = []
+    entries: list[TracebackType] = []
     while tb is not None:
-        code = tb.tb_frame.f_code
-        frames.append(f'  File "{code.co_filename}", line {tb.tb_lineno}, in {code.co_name}\n')
+        entries.append(tb)
         tb = tb.tb_next
-    if frames:
+    if entries:
         lines.append("Traceback (most recent call last):\n")
-        if len(frames) > MAX_FRAMES:
-            lines.append(f"  [... {len(frames) - MAX_FRAMES} frames omitted]\n")
-            frames = frames[-MAX_FRAMES:]
-        lines.extend(frames)
+        if len(entries) > MAX_FRAMES:  # the innermost frames are kept
+            lines.append(f"  [... {len(entries) - MAX_FRAMES} frames omitted]\n")
+            entries = entries[-MAX_FRAMES:]
+        for entry in entries:
+            code = entry.tb_frame.f_code
+            lines.append(
+                f'  File "{code.co_filename}", line {entry.tb_lineno}, in {code.co_name}\n'
+            )
     message = _str_or_placeholder(exc)
     head = qualified_type_name(exc)
     lines.append(f"{head}: {message}\n" if message else f"{head}\n")
