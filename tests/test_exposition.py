@@ -392,3 +392,35 @@ def test_standalone_server_on_ipv6_loopback() -> None:
     with server:
         assert server.url.startswith("http://[::1]:")
         assert httpx.get(server.url, timeout=5).status_code == 200
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("chunk_size", "messages"), [(0, 1), (1000, None)])
+async def test_big_bodies_are_sent_in_chunks(
+    anyio_backend: str, chunk_size: int, messages: int | None
+) -> None:
+    """A body over chunk_size goes out in chunk_size pieces (more_body), the same bytes."""
+    registry = CollectorRegistry()
+    counter = Counter("chunked", "x", ["n"], registry=registry)
+    for n in range(100):
+        counter.labels(n=str(n)).inc()
+    app = MetricsApp(registry, gzip=False, chunk_size=chunk_size)
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request"}
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "GET", "headers": [], "query_string": b""}
+    await app(scope, receive, send)
+    bodies = [m for m in sent if m["type"] == "http.response.body"]
+    whole = b"".join(m["body"] for m in bodies)
+    length = dict(sent[0]["headers"])[b"content-length"]
+    assert int(length) == len(whole) > 5000
+    expected = messages if messages is not None else -(-len(whole) // chunk_size)
+    assert len(bodies) == expected
+    assert all(m.get("more_body") for m in bodies[:-1])
+    assert not bodies[-1].get("more_body", False)
+    assert all(len(m["body"]) == chunk_size for m in bodies[:-1])

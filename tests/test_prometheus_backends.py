@@ -151,3 +151,39 @@ def test_multiprocess_files_carry_the_zero_series(tmp_path: Path) -> None:
     for outcome in ("success", "failure", "cancelled", "skipped", "abandoned"):
         assert f'taskscope_tasks_total{{outcome="{outcome}",task="app.send"}} 0.0' in result.stdout
     assert 'taskscope_task_loop_blocks_total{task="app.send"} 0.0' in result.stdout
+
+
+def test_collection_builds_families_outside_the_lock() -> None:
+    """Task records (on the event loop) never wait while a scrape builds metric objects:
+    only the copy of one family's values happens under the lock."""
+    registry = CollectorRegistry()
+    metrics = FastMetrics(registry)
+    _feed(metrics)
+    held_while_building: list[bool] = []
+    for family in metrics._families:
+        build = family.family
+
+        def spy(snapshot: object, build: object = build) -> object:
+            held_while_building.append(metrics._lock.locked())
+            return build(snapshot)  # type: ignore[operator]
+
+        family.family = spy  # type: ignore[method-assign,assignment]
+    families = list(metrics.collect())
+    assert len(families) == len(metrics._families)
+    assert held_while_building == [False] * len(families)
+
+
+def test_a_record_between_two_families_is_not_lost() -> None:
+    """Values recorded while a collection is half done appear in the next scrape."""
+    registry = CollectorRegistry()
+    metrics = FastMetrics(registry)
+    collection = metrics.collect()
+    next(collection)  # the first family (tasks) is built; the rest not yet
+    metrics.record(RECORDS[0])
+    rest = list(collection)
+    duration = next(f for f in rest if f.name == "taskscope_task_duration_seconds")
+    assert any(s.name.endswith("_count") and s.value == 1.0 for s in duration.samples)
+    value = registry.get_sample_value(
+        "taskscope_tasks_total", {"task": "app.send", "outcome": "success"}
+    )
+    assert value == 1.0

@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
-from taskscope._environ import read_variables
+from taskscope._environ import parse_bool, parse_choice, parse_float, parse_int, read_variables
 from taskscope._redact import redact_secrets
 
 if TYPE_CHECKING:
@@ -51,6 +51,11 @@ class Telemetry:
     """Run the remaining tasks of a response after one fails (Starlette stops)."""
     max_task_names: int = 500
     """Distinct task names before new ones are recorded as ``__other__``."""
+    max_error_types: int = 1000
+    """Distinct (task, error_type) pairs, all tasks together, before new error types are
+    recorded as ``__other__`` (bounds ``taskscope_task_failures_total``)."""
+    max_error_types_per_task: int = 20
+    """Distinct error types of one task before new ones are recorded as ``__other__``."""
     max_tasks_per_response: int = DEFAULT_MAX_TASKS_PER_RESPONSE
     """Past this many ``add_task`` calls on one object, warn once (and count)."""
     max_message_length: int = 256
@@ -69,13 +74,20 @@ class Telemetry:
 
     def __post_init__(self) -> None:
         if self.span_mode not in _SPAN_MODES:
-            msg = f"span_mode must be one of {_SPAN_MODES}, not {self.span_mode!r}"
+            # The value is not quoted: settings may come from the environment (see _environ).
+            msg = f"span_mode must be one of {', '.join(_SPAN_MODES)}"
             raise ValueError(msg)
         for name in ("block_threshold", "lag_interval"):
             if not getattr(self, name) > 0:
                 msg = f"{name} must be a positive number of seconds"
                 raise ValueError(msg)
-        for name in ("max_task_names", "max_tasks_per_response", "max_message_length"):
+        for name in (
+            "max_task_names",
+            "max_error_types",
+            "max_error_types_per_task",
+            "max_tasks_per_response",
+            "max_message_length",
+        ):
             if getattr(self, name) < 1:
                 msg = f"{name} must be at least 1"
                 raise ValueError(msg)
@@ -89,33 +101,28 @@ class Telemetry:
         """Build settings from ``TASKSCOPE_*`` variables (read now, never at import).
 
         Recognised: ``TASKSCOPE_SPAN_MODE``, ``TASKSCOPE_CONTINUE_ON_ERROR``,
-        ``TASKSCOPE_MAX_TASK_NAMES``, ``TASKSCOPE_LOOP_PROBE``, ``TASKSCOPE_BLOCK_THRESHOLD``,
-        ``TASKSCOPE_LAG_INTERVAL``, ``TASKSCOPE_PROMETHEUS``, ``TASKSCOPE_OTEL_METRICS``,
+        ``TASKSCOPE_MAX_TASK_NAMES``, ``TASKSCOPE_MAX_ERROR_TYPES``,
+        ``TASKSCOPE_MAX_ERROR_TYPES_PER_TASK``, ``TASKSCOPE_LOOP_PROBE``,
+        ``TASKSCOPE_BLOCK_THRESHOLD``, ``TASKSCOPE_LAG_INTERVAL``, ``TASKSCOPE_PROMETHEUS``,
+        ``TASKSCOPE_OTEL_METRICS``,
         ``TASKSCOPE_MAX_MESSAGE_LENGTH``. Keyword arguments win over the environment.
+        An error names the variable, never its value.
         """
         env = os.environ if environ is None else environ
         kwargs: dict[str, Any] = {}
         parsers: dict[str, tuple[str, Callable[[str], Any]]] = {
-            "TASKSCOPE_SPAN_MODE": ("span_mode", str.strip),
-            "TASKSCOPE_CONTINUE_ON_ERROR": ("continue_on_error", _parse_bool),
-            "TASKSCOPE_MAX_TASK_NAMES": ("max_task_names", int),
-            "TASKSCOPE_LOOP_PROBE": ("loop_probe", _parse_bool),
-            "TASKSCOPE_BLOCK_THRESHOLD": ("block_threshold", float),
-            "TASKSCOPE_LAG_INTERVAL": ("lag_interval", float),
-            "TASKSCOPE_PROMETHEUS": ("prometheus", _parse_bool),
-            "TASKSCOPE_OTEL_METRICS": ("otel_metrics", _parse_bool),
-            "TASKSCOPE_MAX_MESSAGE_LENGTH": ("max_message_length", int),
+            "TASKSCOPE_SPAN_MODE": ("span_mode", parse_choice(*_SPAN_MODES)),
+            "TASKSCOPE_CONTINUE_ON_ERROR": ("continue_on_error", parse_bool),
+            "TASKSCOPE_MAX_TASK_NAMES": ("max_task_names", parse_int),
+            "TASKSCOPE_MAX_ERROR_TYPES": ("max_error_types", parse_int),
+            "TASKSCOPE_MAX_ERROR_TYPES_PER_TASK": ("max_error_types_per_task", parse_int),
+            "TASKSCOPE_LOOP_PROBE": ("loop_probe", parse_bool),
+            "TASKSCOPE_BLOCK_THRESHOLD": ("block_threshold", parse_float),
+            "TASKSCOPE_LAG_INTERVAL": ("lag_interval", parse_float),
+            "TASKSCOPE_PROMETHEUS": ("prometheus", parse_bool),
+            "TASKSCOPE_OTEL_METRICS": ("otel_metrics", parse_bool),
+            "TASKSCOPE_MAX_MESSAGE_LENGTH": ("max_message_length", parse_int),
         }
         kwargs.update(read_variables(env, parsers))
         kwargs.update(overrides)
         return cls(**kwargs)
-
-
-def _parse_bool(raw: str) -> bool:
-    value = raw.strip().lower()
-    if value in {"1", "true", "yes", "on"}:
-        return True
-    if value in {"0", "false", "no", "off"}:
-        return False
-    msg = "expected true/false"
-    raise ValueError(msg)

@@ -19,7 +19,8 @@ from opentelemetry import metrics, trace
 from prometheus_client import REGISTRY
 
 from taskscope._config import Telemetry
-from taskscope._naming import NameLimiter
+from taskscope._naming import OTHER, ErrorTypeLimiter, NameLimiter
+from taskscope._safe import safe_text
 from taskscope._signals import prometheus_fast  # noqa: F401 - loaded now, not on the loop
 from taskscope._signals.logs import LogEvents
 from taskscope._signals.otel_metrics import OtelMetrics
@@ -71,7 +72,17 @@ class Runtime:
 
     def __init__(self, telemetry: Telemetry) -> None:
         self.telemetry = telemetry
-        self.names = NameLimiter(telemetry.max_task_names)
+        self.names = NameLimiter(
+            telemetry.max_task_names,
+            redact=telemetry.redact,
+            on_overflow=lambda: self.label_overflow(OTHER, "task_name_overflow"),
+        )
+        self.error_types = ErrorTypeLimiter(
+            telemetry.max_error_types_per_task,
+            telemetry.max_error_types,
+            on_overflow=lambda task: self.label_overflow(task, "error_type_overflow"),
+        )
+        self._overflow_logged: set[str] = set()
         self.absorbed_errors = 0
         self.prometheus: Any = None
         self.otel_metrics: Any = None
@@ -142,6 +153,16 @@ class Runtime:
     def record(self, record: TaskRecord) -> None:
         if self.exited:  # already recorded as abandoned at exit: one outcome per task
             return
+        if record.error_type is not None:  # cleaned (and bounded) once, for every sink
+            try:
+                if record.outcome == "failure":  # the error_type label of the failures
+                    error_type = self.error_types.admit(record.name, record.error_type)
+                else:  # the interruption of a cancelled task: no label, not capped
+                    error_type = safe_text(record.error_type, single_line=True, max_length=200)
+            except Exception:
+                self.absorb("prometheus")
+                error_type = OTHER
+            record = record._replace(error_type=error_type)
         for signal, sink in self._sinks:
             try:
                 sink.record(record)
@@ -183,6 +204,28 @@ class Runtime:
                     sink.warning(name, kind)
             except Exception:
                 self.absorb(signal)
+
+    def label_overflow(self, task: str, kind: str) -> None:
+        """A label value became ``__other__``: counted in ``taskscope_task_warnings_total``
+        (``kind`` = ``task_name_overflow`` or ``error_type_overflow``) every time, and
+        logged once per kind (a log line per task would flood the log)."""
+        for signal, sink in self._metric_sinks:
+            try:
+                sink.warning(task, kind)
+            except Exception:
+                self.absorb(signal)
+        if kind not in self._overflow_logged:
+            self._overflow_logged.add(kind)
+            t = self.telemetry
+            limits: dict[str, int] = (
+                {"limit": t.max_task_names}
+                if kind == "task_name_overflow"
+                else {"limit": t.max_error_types, "limit_per_task": t.max_error_types_per_task}
+            )
+            try:
+                self.logs.warning(task, kind, **limits)
+            except Exception:
+                self.absorb("logging")
 
     # -- accounting of tasks not yet ended ------------------------------------------------
     def track(self, key: int, name: str, start: float) -> None:

@@ -19,6 +19,7 @@ from collections.abc import Generator
 from typing import TYPE_CHECKING, Any, Protocol
 
 from taskscope._record import BlockRecord
+from taskscope._safe import safe_text
 
 if TYPE_CHECKING:
     from types import FrameType
@@ -166,9 +167,10 @@ def _add_span_event(run: TaskRun, block: BlockRecord) -> None:
             "loop.blocked",
             {
                 "taskscope.block.duration_s": block.duration,
-                "code.location": block.location,
+                # file paths can hold lone surrogates (undecodable bytes): escaped
+                "code.location": safe_text(block.location),
                 "taskscope.block.sampled": block.sampled,
-                "taskscope.block.stack": list(block.stack),
+                "taskscope.block.stack": [safe_text(line) for line in block.stack],
             },
         )
     except Exception:

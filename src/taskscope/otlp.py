@@ -194,7 +194,7 @@ def setup_otlp(
         raise ValueError(msg)
     protocol = protocol.strip().lower()
     if protocol not in _DEFAULT_ENDPOINTS:
-        msg = f"unsupported OTLP protocol {protocol!r}: use 'http/protobuf' or 'grpc'"
+        msg = "unsupported OTLP protocol: use 'http/protobuf' or 'grpc'"  # value not quoted
         raise ValueError(msg)
     _require_sdk(protocol)
     from prometheus_client import REGISTRY

@@ -16,6 +16,9 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.exposition import choose_encoder, gzip_accepted
+from prometheus_client.metrics_core import Metric
+
+from taskscope._safe import safe_text
 
 if TYPE_CHECKING:
     from prometheus_client.registry import Collector
@@ -111,13 +114,44 @@ def _render(negotiated: Negotiated, registry: Collector | None) -> Rendered:
     if negotiated.names and isinstance(source, CollectorRegistry):
         source = source.restricted_registry(negotiated.names)
     with polite_rendering():
-        body = negotiated.encoder(source)
+        body = encode(negotiated.encoder, source)
     headers = [("Content-Type", negotiated.content_type), ("Vary", "Accept, Accept-Encoding")]
     if negotiated.gzip:
         body = gzip.compress(body, compresslevel=GZIP_LEVEL)
         headers.append(("Content-Encoding", "gzip"))
     headers.append(("Content-Length", str(len(body))))
     return Rendered(200, body, tuple(headers))
+
+
+def encode(encoder: Callable[[Collector], bytes], source: Collector) -> bytes:
+    """Render ``source``; an unencodable value (a lone surrogate in a label value or a help
+    text, from any collector of the registry) is escaped instead of failing every scrape."""
+    try:
+        return encoder(source)
+    except UnicodeEncodeError:
+        return encoder(_Escaped(source))
+
+
+class _Escaped:
+    """A collector that yields ``source``'s metrics with every text made encodable."""
+
+    def __init__(self, source: Collector) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self._source.collect():
+            copy = Metric(metric.name, safe_text(metric.documentation), metric.type, metric.unit)
+            copy.samples = [
+                sample._replace(
+                    labels={k: safe_text(v) for k, v in sample.labels.items()},
+                    exemplar=sample.exemplar
+                    and sample.exemplar._replace(
+                        labels={k: safe_text(v) for k, v in sample.exemplar.labels.items()}
+                    ),
+                )
+                for sample in metric.samples
+            ]
+            yield copy
 
 
 def error_response(status: int, message: str, *extra: tuple[str, str]) -> Rendered:

@@ -96,7 +96,7 @@ def make_exporters(
             GrpcSpanExporter(endpoint=traces_endpoint, headers=grpc_headers, timeout=timeout),
             GrpcMetricExporter(endpoint=metrics_endpoint, headers=grpc_headers, timeout=timeout),
         )
-    msg = f"unsupported OTLP protocol {protocol!r}: use 'http/protobuf' or 'grpc'"
+    msg = "unsupported OTLP protocol: use 'http/protobuf' or 'grpc'"  # value not quoted
     raise ValueError(msg)
 
 

@@ -2,32 +2,37 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import unquote
 
-from taskscope._environ import read_variables
+from taskscope._environ import InvalidValueError, parse_choice, read_variables
 
 
 def parse_pairs(raw: str) -> dict[str, str]:
     """``k1=v1,k2=v2`` with percent-encoded values (W3C baggage style), as OTel specifies."""
     pairs: dict[str, str] = {}
-    for item in raw.split(","):
+    for number, item in enumerate(raw.split(","), start=1):
         if not item.strip():
             continue
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            msg = f"expected key=value, got {item.strip()!r}"
-            raise ValueError(msg)
+            # Never quote the entry: it is often a credential ("Authorization: Bearer ...").
+            msg = f"expected comma-separated key=value pairs; entry {number} has no key=value"
+            raise InvalidValueError(msg)
         pairs[unquote(key.strip())] = unquote(value.strip())
     return pairs
 
 
 def _millis(raw: str) -> float:
-    value = float(raw) / 1000.0
-    if value <= 0:
-        msg = "must be a positive number of milliseconds"
-        raise ValueError(msg)
+    try:
+        value = float(raw.strip()) / 1000.0
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        msg = "expected a positive number of milliseconds"
+        raise InvalidValueError(msg)
     return value
 
 
@@ -35,7 +40,7 @@ _VARIABLES: dict[str, tuple[str, Any]] = {
     "OTEL_EXPORTER_OTLP_ENDPOINT": ("endpoint", str.strip),
     "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": ("traces_endpoint", str.strip),
     "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": ("metrics_endpoint", str.strip),
-    "OTEL_EXPORTER_OTLP_PROTOCOL": ("protocol", str.strip),
+    "OTEL_EXPORTER_OTLP_PROTOCOL": ("protocol", parse_choice("http/protobuf", "grpc")),
     "OTEL_EXPORTER_OTLP_HEADERS": ("headers", parse_pairs),
     "OTEL_EXPORTER_OTLP_TIMEOUT": ("export_timeout", _millis),
     "OTEL_SERVICE_NAME": ("service_name", str.strip),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from taskscope._record import BlockRecord, TaskRecord
+from taskscope._safe import safe_text
 
 
 def _ids(trace_id: str | None, span_id: str | None) -> dict[str, str]:
@@ -27,8 +28,8 @@ class LogEvents:
                 "task.failed",
                 task=record.name,
                 duration_s=round(record.duration, 6),
-                error_type=record.error_type,
-                error=record.error_message,
+                error_type=safe_text(record.error_type or ""),
+                error=safe_text(record.error_message or ""),
                 sync=record.sync,
                 **_ids(record.trace_id, record.span_id),
             )
@@ -64,10 +65,10 @@ class LogEvents:
             task=block.task,
             duration_s=round(block.duration, 6),
             ongoing=block.ongoing,
-            location=block.location,
+            location=safe_text(block.location),
             # structlog reserves "stack" for a formatted stack string (ConsoleRenderer
             # raises on a list, which silently lost every loop_blocked event).
-            stack="\n".join(block.stack),
+            stack=safe_text("\n".join(block.stack)),
             sampled=block.sampled,
             **_ids(block.trace_id, block.span_id),
         )
@@ -77,7 +78,7 @@ class LogEvents:
             "task.loop_unblocked",
             task=block.task,
             duration_s=round(block.duration, 6),
-            location=block.location,
+            location=safe_text(block.location),
             **_ids(block.trace_id, block.span_id),
         )
 

@@ -14,7 +14,7 @@ import threading
 import time
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -70,14 +70,25 @@ class _HistogramFamily:
             child = self.children[key] = _Histogram(len(self.bounds) + 1)
         child.observe(bisect_left(self.bounds, value), value, trace_id)
 
-    def family(self) -> Metric:
+    def snapshot(self) -> list[tuple[Key, list[int], float, list[Any] | None]]:
+        """The values, copied (call under the lock)."""
+        return [
+            (
+                key,
+                child.counts[:],
+                child.sum,
+                None if child.exemplars is None else child.exemplars[:],
+            )
+            for key, child in self.children.items()
+        ]
+
+    def family(self, snapshot: list[tuple[Key, list[int], float, list[Any] | None]]) -> Metric:
         family = HistogramMetricFamily(self.name, self.documentation, labels=self.labels)
-        for key, child in list(self.children.items()):
+        for key, counts, total, exemplars in snapshot:
             buckets: list[tuple[str, float] | tuple[str, float, Exemplar]] = []
             cumulative = 0
-            exemplars = child.exemplars
             for index, le in enumerate(self.les):
-                cumulative += child.counts[index]
+                cumulative += counts[index]
                 exemplar = exemplars[index] if exemplars is not None else None
                 if exemplar is None:
                     buckets.append((le, float(cumulative)))
@@ -86,7 +97,7 @@ class _HistogramFamily:
                     buckets.append(
                         (le, float(cumulative), Exemplar({"trace_id": trace_id}, value, timestamp))
                     )
-            family.add_metric(list(key), buckets, child.sum)
+            family.add_metric(list(key), buckets, total)
         return family
 
 
@@ -105,17 +116,21 @@ class _CounterFamily:
         values = self.values
         values[key] = values.get(key, 0.0) + amount
 
-    def family(self) -> Metric:
+    def snapshot(self) -> list[tuple[Key, float]]:
+        """The values, copied (call under the lock)."""
+        return list(self.values.items())
+
+    def family(self, snapshot: list[tuple[Key, float]]) -> Metric:
         family = CounterMetricFamily(self.name, self.documentation, labels=self.labels)
-        for key, value in list(self.values.items()):
+        for key, value in snapshot:
             family.add_metric(list(key), value)
         return family
 
 
 class _GaugeFamily(_CounterFamily):
-    def family(self) -> Metric:
+    def family(self, snapshot: list[tuple[Key, float]]) -> Metric:
         family = GaugeMetricFamily(self.name, self.documentation, labels=self.labels)
-        for key, value in list(self.values.items()):
+        for key, value in snapshot:
             family.add_metric(list(key), value)
         return family
 
@@ -175,9 +190,15 @@ class FastMetrics:
         return [kinds[type(f)](f.name, f.documentation) for f in self._families]
 
     def collect(self) -> Iterator[Metric]:
-        with self._lock:  # a consistent snapshot; rendering happens outside the lock
-            families = [family.family() for family in self._families]
-        yield from families
+        # One family at a time: its values are copied under the lock (a C-level copy of a
+        # dict, ~0.1 ms per 1,000 series), its metric objects built outside it. Building
+        # them all under the lock held every task's record() on the event loop for the
+        # whole collection (tens of ms at 10k series). Each family is consistent in itself,
+        # as with prometheus_client's own metrics (one lock per metric).
+        for family in self._families:
+            with self._lock:
+                snapshot: Any = family.snapshot()
+            yield family.family(snapshot)
 
     # -- the signal interface ------------------------------------------------------------
     def task_started(self, name: str) -> None:
