@@ -16,7 +16,6 @@ import subprocess
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import pytest
 from fastapi import FastAPI
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -383,7 +382,6 @@ hostile_classes = st.one_of(
 )
 
 
-@pytest.mark.xfail(strict=True, reason="wired in _run.py by the merge")
 @FUZZ
 @given(tasks=specs, error=hostile_classes, backend=st.sampled_from(["asyncio", "trio"]))
 @example(

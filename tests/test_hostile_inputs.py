@@ -289,7 +289,6 @@ def test_a_lone_surrogate_in_a_message_reaches_otlp_escaped() -> None:
     assert "exception.message" in _encoded_event_keys(observed)
 
 
-@pytest.mark.xfail(strict=True, reason="wired in _run.py by the merge")
 def test_a_custom_redactor_cannot_make_a_message_unencodable() -> None:
     """Whatever Telemetry.redact returns, the recorded message is encodable (safe_message)."""
     observed = make_observed(loop_probe=False, redact=lambda text: text)
@@ -317,7 +316,6 @@ class NamelessError(Exception, metaclass=NamelessMeta):
     pass
 
 
-@pytest.mark.xfail(strict=True, reason="wired in _run.py by the merge")
 def test_a_hostile_exception_class_costs_neither_the_outcome_nor_the_span() -> None:
     """The task's own exception propagates; one failure, one span with error.type."""
     observed = make_observed(loop_probe=False)

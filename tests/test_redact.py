@@ -72,3 +72,14 @@ def test_stack_trace_lines_are_left_alone() -> None:
     """A file named like a secret key is not a key: its line number stays readable."""
     line = 'File "/app/auth/session.py", line 3, in refresh_token'
     assert redact_secrets(line) == line
+
+
+def test_values_quoted_with_escaped_quotes_after_a_literal_prefix() -> None:
+    """The repr of a repr (a KeyError of a dict holding bytes): ``b\\'x\\'`` is masked whole."""
+    secret = "zq81CANARYx7"
+    for text in (
+        str(KeyError(str({"api_key": secret.encode()}))),
+        repr(KeyError(str({"api_key": secret.encode()}))),
+        repr(repr({"password": secret})),
+    ):
+        assert secret not in redact_secrets(text), text

@@ -76,7 +76,7 @@ def _mask_key_values(text: str) -> str:
         if match is None:
             break
         start = match.end()
-        end = _value_end(text, start, escaped_quotes=(match.group("quote") or "").startswith("\\"))
+        end = _value_end(text, start)
         if match.group("sep") == "," and not _QUOTED_START.match(text, start):
             end = start  # ("token", "x") pairs only: not 'File "session.py", line 3'
         if end == start:  # nothing after the separator (or not a value)
@@ -90,7 +90,7 @@ def _mask_key_values(text: str) -> str:
     return "".join(out)
 
 
-def _value_end(text: str, start: int, *, escaped_quotes: bool) -> int:
+def _value_end(text: str, start: int) -> int:
     """Index just past the value that starts at ``start``."""
     i = start
     n = len(text)
@@ -100,13 +100,14 @@ def _value_end(text: str, start: int, *, escaped_quotes: bool) -> int:
         prefix += 1
     if i + prefix < n and text[i + prefix] in _QUOTES:
         return _quoted_end(text, i + prefix)
-    if escaped_quotes and i < n and text[i] == "\\":
-        # a string inside a string (inside a string...): \"x\", \\\"x\\\" and so on
-        j = i
+    if i + prefix < n and text[i + prefix] == "\\":
+        # a string inside a string (inside a string...): \"x\", \\\"x\\\", b\'x\' (the
+        # repr of a repr, e.g. a KeyError of a dict) and so on
+        j = i + prefix
         while j < n and text[j] == "\\":
             j += 1
         if j < n and text[j] in _QUOTES:
-            opening = text[i : j + 1]
+            opening = text[i + prefix : j + 1]
             closing = text.find(opening, j + 1)
             return n if closing < 0 else closing + len(opening)
     if i < n and text[i] in _OPEN:

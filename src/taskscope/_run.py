@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import contextvars
 import inspect
-import traceback
 import warnings
 from collections.abc import Callable, Sequence
 from types import FunctionType
@@ -22,6 +21,7 @@ from taskscope._naming import _NAME_ATTRIBUTE, callable_name
 from taskscope._probe import monitored
 from taskscope._record import Outcome, TaskRecord
 from taskscope._runtime import Runtime, current_telemetry, resolve, runtime_of
+from taskscope._safe import qualified_type_name, safe_message, safe_stacktrace, type_name
 from taskscope._task_kinds import Kind, framework_hook, framework_operation, is_sync, kind_of
 
 if TYPE_CHECKING:
@@ -328,7 +328,7 @@ async def run_one(task: BackgroundTask, cap: Capture, sent_at: float, hook: Any 
     except BaseException as exc:
         error = exc
         outcome = _outcome_of(exc)
-        run.error_type = type(exc).__name__
+        run.error_type = type_name(exc)
         run.error_message = safe_message(exc, telemetry)
         raise
     finally:
@@ -432,57 +432,6 @@ def _flag_unawaited(result: Any, run: TaskRun) -> None:
     )
 
 
-def safe_message(error: BaseException, telemetry: Telemetry) -> str:
-    """``str(error)``, truncated and redacted; never raises."""
-    limit = telemetry.max_message_length
-    try:
-        text = str(error)
-    except BaseException:
-        text = f"<unprintable {type(error).__name__}>"
-    if not isinstance(text, str):
-        text = f"<unprintable {type(error).__name__}>"
-    # Redact before truncating (a cut can split a secret from the text that marks it,
-    # e.g. the "@" of a connection URL), on a bounded prefix so the cost stays bounded.
-    try:
-        redacted = telemetry.redact(text[: limit * 4])
-    except Exception:
-        return "<redaction failed>"
-    if not isinstance(redacted, str):
-        return "<redaction failed>"
-    if len(redacted) > limit or len(text) > limit * 4:
-        redacted = redacted[:limit] + "…[truncated]"
-    return redacted
-
-
-def safe_stacktrace(error: BaseException, telemetry: Telemetry) -> str:
-    """The formatted traceback (chained causes included), redacted; each line cut like a
-    message, then the whole kept to its last ``16 * max_message_length`` characters (the
-    innermost frames and the exception line). Never raises."""
-    line_limit = telemetry.max_message_length
-    limit = line_limit * 16
-    try:
-        lines = "".join(traceback.format_exception(error)).splitlines()
-    except BaseException:
-        return f"<unformattable traceback of {type(error).__name__}>"
-    kept: list[str] = []
-    size = 0
-    for line in reversed(lines):
-        try:
-            redacted = telemetry.redact(line[: line_limit * 4])
-        except Exception:
-            return "<redaction failed>"
-        if not isinstance(redacted, str):
-            return "<redaction failed>"
-        if len(redacted) > line_limit or len(line) > line_limit * 4:
-            redacted = redacted[:line_limit] + "…[truncated]"
-        size += len(redacted) + 1
-        if size > limit:
-            kept.append("[truncated]…")
-            break
-        kept.append(redacted)
-    return "\n".join(reversed(kept))
-
-
 def _adopt_span(run: TaskRun, span: Span) -> None:
     """FastAPI's task span: its ids for metrics and logs, events added, the rest FastAPI's."""
     run.span = span
@@ -545,12 +494,7 @@ def _end_span(
     try:
         span.set_attribute("taskscope.task.outcome", outcome)
         if error is not None and outcome == "failure":
-            cls = type(error)
-            qualified = (
-                cls.__qualname__
-                if cls.__module__ == "builtins"
-                else f"{cls.__module__}.{cls.__qualname__}"
-            )
+            qualified = qualified_type_name(error)
             span.set_attribute("error.type", qualified)
             span.add_event(
                 "exception",
@@ -563,6 +507,9 @@ def _end_span(
             span.set_status(Status(StatusCode.ERROR, run.error_type))
         elif error is not None:
             span.set_attribute("taskscope.task.interrupted_by", run.error_type or "")
+    except Exception:
+        runtime.absorb("tracing")
+    try:  # whatever failed above, the span still ends
         span.end()
     except Exception:
         runtime.absorb("tracing")

@@ -32,8 +32,8 @@ from taskiq import TaskiqMessage, TaskiqMiddleware, TaskiqResult
 
 from taskscope._queues import messages
 from taskscope._record import Outcome, TaskRecord
-from taskscope._run import safe_message
 from taskscope._runtime import Runtime, resolve, runtime_of
+from taskscope._safe import safe_message
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span

@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any
 from taskscope._queues import messages
 from taskscope._queues.multiproc import clean_dead_processes
 from taskscope._record import Outcome, TaskRecord
-from taskscope._run import safe_message
 from taskscope._runtime import Runtime, resolve, runtime_of
+from taskscope._safe import safe_message
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
