@@ -63,6 +63,10 @@ class Telemetry:
     """A step of an async task that holds the loop this long (seconds) is a block."""
     lag_interval: float = 0.1
     """Seconds between two heartbeats of the loop-lag probe."""
+    hung_after: float | None = 60.0
+    """A task still running after this many seconds is reported as hung (``task.hung``),
+    with where it is waiting; then again at a bounded back-off while it runs. ``None``:
+    off. Checked by the loop probe's watchdog thread (needs ``loop_probe``)."""
     clock: Callable[[], float] = time.perf_counter
     """Monotonic clock in seconds (inject a fake one in tests)."""
     _runtime: Any = field(default=None, init=False, repr=False)
@@ -75,6 +79,9 @@ class Telemetry:
             if not getattr(self, name) > 0:
                 msg = f"{name} must be a positive number of seconds"
                 raise ValueError(msg)
+        if self.hung_after is not None and not self.hung_after > 0:
+            msg = "hung_after must be a positive number of seconds, or None (off)"
+            raise ValueError(msg)
         for name in ("max_task_names", "max_tasks_per_response", "max_message_length"):
             if getattr(self, name) < 1:
                 msg = f"{name} must be at least 1"
@@ -91,7 +98,8 @@ class Telemetry:
         Recognised: ``TASKSCOPE_SPAN_MODE``, ``TASKSCOPE_CONTINUE_ON_ERROR``,
         ``TASKSCOPE_MAX_TASK_NAMES``, ``TASKSCOPE_LOOP_PROBE``, ``TASKSCOPE_BLOCK_THRESHOLD``,
         ``TASKSCOPE_LAG_INTERVAL``, ``TASKSCOPE_PROMETHEUS``, ``TASKSCOPE_OTEL_METRICS``,
-        ``TASKSCOPE_MAX_MESSAGE_LENGTH``. Keyword arguments win over the environment.
+        ``TASKSCOPE_MAX_MESSAGE_LENGTH``, ``TASKSCOPE_HUNG_AFTER`` (seconds, or ``off``).
+        Keyword arguments win over the environment.
         """
         env = os.environ if environ is None else environ
         kwargs: dict[str, Any] = {}
@@ -105,10 +113,18 @@ class Telemetry:
             "TASKSCOPE_PROMETHEUS": ("prometheus", _parse_bool),
             "TASKSCOPE_OTEL_METRICS": ("otel_metrics", _parse_bool),
             "TASKSCOPE_MAX_MESSAGE_LENGTH": ("max_message_length", int),
+            "TASKSCOPE_HUNG_AFTER": ("hung_after", _parse_seconds_or_off),
         }
         kwargs.update(read_variables(env, parsers))
         kwargs.update(overrides)
         return cls(**kwargs)
+
+
+def _parse_seconds_or_off(raw: str) -> float | None:
+    value = raw.strip().lower()
+    if value in {"off", "none", "false", "0"}:
+        return None
+    return float(value)
 
 
 def _parse_bool(raw: str) -> bool:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import contextvars
 import inspect
+import threading
 import warnings
 from collections.abc import Callable, Sequence
 from types import FunctionType
@@ -18,7 +19,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
 from taskscope._naming import _NAME_ATTRIBUTE, callable_name
-from taskscope._probe import monitored
+from taskscope._probe import monitored, start_watchdog
 from taskscope._record import Outcome, TaskRecord
 from taskscope._runtime import Runtime, current_telemetry, resolve, runtime_of
 from taskscope._task_kinds import Kind, framework_operation, is_sync, kind_of
@@ -121,13 +122,16 @@ class TaskRun:
     __slots__ = (
         "blocks",
         "busy",
+        "coro",
         "error_message",
         "error_type",
+        "hung",
         "name",
         "owns_span",
         "runtime",
         "span",
         "span_id",
+        "thread",
         "threshold",
         "trace_id",
     )
@@ -144,6 +148,10 @@ class TaskRun:
         self.span_id: str | None = None
         self.error_type: str | None = None
         self.error_message: str | None = None
+        # Read by the hung-task check (watchdog thread): where the task waits.
+        self.coro: Any = None  # async: the task's coroutine (awaitable)
+        self.thread: int | None = None  # sync: the worker thread running it, while it runs
+        self.hung = 0  # back-off steps reported as hung (0: never)
 
 
 # The task a custom ``__call__`` is being recorded for: when that ``__call__`` calls
@@ -227,7 +235,7 @@ def _account(
             continue
         cap = capture_of(task, explicit)
         cap.accounted = True
-        runtime_of(cap.resolve(explicit)).track(id(task), cap.name, 0.0)
+        runtime_of(cap.resolve(explicit)).track(id(task), cap.name, 0.0, None)
         captures.append(cap)
 
 
@@ -306,7 +314,7 @@ async def run_one(task: BackgroundTask, cap: Capture, sent_at: float) -> None:
     kind = kind_of(task)
     sync = is_sync(task)
     start = clock()
-    runtime.track(id(task), name, start)
+    runtime.track(id(task), name, start, run)
     runtime.task_started(name)
     outcome: Outcome = "success"
     error: BaseException | None = None
@@ -358,6 +366,7 @@ async def run_one(task: BackgroundTask, cap: Capture, sent_at: float) -> None:
                 span_id=run.span_id,
                 loop_busy=run.busy,
                 loop_blocks=run.blocks,
+                hung_reported=run.hung > 0,
             )
         )
 
@@ -395,13 +404,15 @@ async def _execute(
 ) -> None:
     if kind is Kind.PLAIN:
         if task.is_async:
-            await monitored(task.func(*task.args, **task.kwargs), run)
+            run.coro = coro = task.func(*task.args, **task.kwargs)
+            await monitored(coro, run)
         else:
             await _run_sync(task, run, thread_started, run.runtime.telemetry.clock)
         return
     token = recording_opaque.set(task)
     try:
-        await monitored(task(), run)
+        run.coro = coro = task()
+        await monitored(coro, run)
     finally:
         recording_opaque.reset(token)
 
@@ -422,10 +433,16 @@ async def _run_sync(
 
     def in_worker_thread() -> None:
         thread_started.append(clock())
-        result = func(*args, **kwargs)
+        run.thread = threading.get_ident()
+        try:
+            result = func(*args, **kwargs)
+        finally:
+            run.thread = None
         if inspect.isawaitable(result):  # kept off the backend (trio would raise on it)
             unawaited.append(result)
 
+    if run.runtime.telemetry.hung_after is not None:
+        start_watchdog(run.runtime)  # the hung check lives with the loop probe's watchdog
     await anyio.to_thread.run_sync(in_worker_thread)
     if unawaited:
         _flag_unawaited(unawaited[0], run)

@@ -22,7 +22,8 @@ from taskscope._version import __version__
 if TYPE_CHECKING:
     from opentelemetry.trace import Tracer
 
-    from taskscope._record import BlockRecord, TaskRecord
+    from taskscope._record import BlockRecord, HungRecord, TaskRecord
+    from taskscope._run import TaskRun
 
 _create_lock = threading.Lock()
 _default: Telemetry | None = None
@@ -71,9 +72,11 @@ class Runtime:
         self.logs: Any = None
         self._sinks: list[tuple[str, Any]] = []
         self._tracer: Tracer | None = None
-        self.inflight: dict[int, tuple[str, float]] = {}
+        # id(task) -> (name, start, run); run is None until the task starts.
+        self.inflight: dict[int, tuple[str, float, TaskRun | None]] = {}
         self.exited = False
         self._inflight_lock = threading.Lock()
+        self.hung_lock = threading.Lock()
         self._setup_sinks()
         _exit_watch.add(self)
         for hook in tuple(runtime_created):  # taskscope.testing.capture() listens here
@@ -172,6 +175,30 @@ class Runtime:
             except Exception:
                 self.absorb(signal)
 
+    def hung_detected(self, hung: HungRecord) -> None:
+        for signal, sink in self._sinks:
+            try:
+                report = getattr(sink, "hung_detected", None)  # optional for user sinks
+                if report is not None:
+                    report(hung)
+            except Exception:
+                self.absorb(signal)
+
+    def oldest_running(self) -> dict[str, float]:
+        """Age (seconds) of the oldest running task per task name (scrape time, off the
+        hot path: one copy of the in-flight entries)."""
+        entries = self.inflight.copy()
+        if not entries:
+            return {}
+        now = self.telemetry.clock()
+        ages: dict[str, float] = {}
+        for name, start, run in entries.values():
+            if run is not None:
+                age = max(0.0, now - start)
+                if age > ages.get(name, -1.0):
+                    ages[name] = age
+        return ages
+
     def lag(self, seconds: float) -> None:
         for signal, sink in self._metric_sinks:
             try:
@@ -190,9 +217,9 @@ class Runtime:
                 self.absorb(signal)
 
     # -- accounting of tasks not yet ended ------------------------------------------------
-    def track(self, key: int, name: str, start: float) -> None:
+    def track(self, key: int, name: str, start: float, run: TaskRun | None) -> None:
         # Single dict operations are atomic under the GIL: no lock on the hot path.
-        self.inflight[key] = (name, start)
+        self.inflight[key] = (name, start, run)
 
     def untrack(self, key: int) -> None:
         self.inflight.pop(key, None)
@@ -207,10 +234,11 @@ class Runtime:
             self.exited = True  # tasks that end from now on were counted here
         now = self.telemetry.clock()
         names: Counter[str] = Counter()
-        for name, start in pending:
+        for name, start, run in pending:
             names[name] += 1
-            duration = max(0.0, now - start) if start else 0.0
-            record = TaskRecord(name, "abandoned", False, duration, None)
+            duration = max(0.0, now - start) if run is not None else 0.0
+            hung = run is not None and run.hung > 0
+            record = TaskRecord(name, "abandoned", False, duration, None, hung_reported=hung)
             for signal, sink in self._sinks:
                 if signal == "logging":
                     continue  # one summary line below, not one line per task

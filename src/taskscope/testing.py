@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from taskscope._record import BlockRecord, TaskRecord
+from taskscope._record import BlockRecord, HungRecord, TaskRecord
 from taskscope._runtime import _exit_watch, runtime_created, runtime_of
 
 if TYPE_CHECKING:
@@ -37,6 +37,8 @@ class Captured:
         """One per step that blocked the loop, when the step ended (full duration)."""
         self.detections: list[BlockRecord] = []
         """The watchdog's reports while a block was still running (``ongoing=True``)."""
+        self.hung: list[HungRecord] = []
+        """One per report of a task running past ``hung_after`` (``task.hung``)."""
         self._lock = threading.Lock()
 
     def failures(self) -> list[TaskRecord]:
@@ -68,6 +70,7 @@ class Captured:
             self.tasks.clear()
             self.blocks.clear()
             self.detections.clear()
+            self.hung.clear()
 
     # -- the sink interface of taskscope's runtime ---------------------------------------
     def task_started(self, name: str) -> None:
@@ -88,6 +91,10 @@ class Captured:
     def block_ended(self, block: BlockRecord) -> None:
         with self._lock:
             self.blocks.append(block)
+
+    def hung_detected(self, hung: HungRecord) -> None:
+        with self._lock:
+            self.hung.append(hung)
 
     def lag(self, seconds: float) -> None:
         pass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from taskscope._record import BlockRecord, TaskRecord
+from taskscope._record import BlockRecord, HungRecord, TaskRecord
 
 
 class LogEvents:
@@ -20,6 +20,18 @@ class LogEvents:
                 error_type=record.error_type,
                 error=record.error_message,
                 sync=record.sync,
+                trace_id=record.trace_id,
+                span_id=record.span_id,
+                hung_reported=record.hung_reported,
+            )
+        elif record.hung_reported:
+            # The end of a task that was reported as hung (``task.hung``).
+            self._logger.info(
+                "task.hung_ended",
+                task=record.name,
+                outcome=record.outcome,
+                duration_s=round(record.duration, 6),
+                hung_reported=True,
                 trace_id=record.trace_id,
                 span_id=record.span_id,
             )
@@ -53,6 +65,19 @@ class LogEvents:
             sampled=block.sampled,
             trace_id=block.trace_id,
             span_id=block.span_id,
+        )
+
+    def hung_detected(self, hung: HungRecord) -> None:
+        self._logger.warning(
+            "task.hung",
+            task=hung.task,
+            age_s=round(hung.age, 3),
+            sync=hung.sync,
+            location=hung.location,
+            stack="\n".join(hung.stack),  # a string: structlog reserves "stack" (see above)
+            report=hung.report,
+            trace_id=hung.trace_id,
+            span_id=hung.span_id,
         )
 
     def block_ended(self, block: BlockRecord) -> None:

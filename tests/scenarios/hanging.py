@@ -1,0 +1,62 @@
+"""Background tasks that hang (wait on something that does not come), each at a marked line.
+
+They wait until the test lets them go (``release``), so a test ends; ``entered`` is set
+right before the marked wait, so the test knows when the task is there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+
+
+async def awaits_future(future: asyncio.Future[None], entered: threading.Event) -> None:
+    entered.set()
+    await future  # BLOCK: hung-future
+
+
+async def awaits_event(release: anyio.Event, entered: threading.Event) -> None:
+    entered.set()
+    await release.wait()  # BLOCK: hung-event
+
+
+async def reads_slow_server(port: int, entered: threading.Event) -> bytes:
+    async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+        entered.set()
+        return await stream.receive()  # BLOCK: hung-server
+
+
+async def _quick() -> None:
+    await anyio.lowlevel.checkpoint()
+
+
+async def _child_waits(release: anyio.Event, entered: threading.Event) -> None:
+    entered.set()
+    await release.wait()  # BLOCK: hung-child
+
+
+async def gathers(release: anyio.Event, entered: threading.Event) -> None:
+    await asyncio.gather(_quick(), _child_waits(release, entered))  # BLOCK: hung-gather
+
+
+async def task_group(release: anyio.Event, entered: threading.Event) -> None:
+    async with anyio.create_task_group() as group:
+        group.start_soon(_quick)
+        group.start_soon(_child_waits, release, entered)
+
+
+def sleeps(release: threading.Event, entered: threading.Event) -> None:
+    entered.set()
+    while not release.is_set():  # BLOCK: hung-sleep
+        time.sleep(0.01)  # BLOCK: hung-sleep
+
+
+def takes_lock(lock: Any, entered: threading.Event) -> None:
+    entered.set()
+    with lock:  # BLOCK: hung-lock
+        pass

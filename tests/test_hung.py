@@ -1,0 +1,362 @@
+"""Hung tasks: reported past ``hung_after`` with where they wait, then at a back-off.
+
+The task ages come from a fake clock (the Telemetry's); the watchdog thread that scans
+them runs in real time, so the tests wait (polling, at most a few seconds) for its report
+or for a number of its scans. The tasks really wait on what they wait on; the test lets
+them go. Ground truth for the lines: ``# BLOCK: hung-...`` markers in the scenario module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import pytest
+
+from taskscope import BackgroundTasks, Telemetry, _hung
+from taskscope._probe import _probes
+from taskscope._run import TaskRun
+from taskscope._runtime import runtime_of
+from tests.conftest import Observed, make_observed
+from tests.scenarios import hanging, markers
+
+pytestmark = pytest.mark.anyio
+HUNG = 1.0  # seconds of fake time; the watchdog scans every HUNG / 20 s of real time
+FILE = os.path.realpath(hanging.__file__)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def observed(clock: Callable[[], float], **options: Any) -> Observed:
+    options.setdefault("hung_after", HUNG)
+    return make_observed(clock=clock, **options)
+
+
+def name_of(func: Callable[..., Any]) -> str:
+    return f"{func.__module__}.{func.__qualname__}"
+
+
+async def until(predicate: Callable[[], Any]) -> Any:
+    """Poll ``predicate`` (real time) until it is truthy; fail after 5 s."""
+    deadline = time.perf_counter() + 5.0
+    while not (found := predicate()):
+        assert time.perf_counter() < deadline, "timed out"
+        await anyio.sleep(0.005)
+    return found
+
+
+async def entered(flag: threading.Event) -> None:
+    await until(flag.is_set)
+    await anyio.sleep(0.01)  # from the flag to the marked wait (a thread: real time)
+
+
+def hung(obs: Observed) -> list[dict[str, Any]]:
+    return obs.logs.named("task.hung")
+
+
+async def run(obs: Observed, func: Callable[..., Any], *args: Any) -> None:
+    tasks = BackgroundTasks(telemetry=obs.telemetry)
+    tasks.add_task(func, *args)
+    await tasks()
+
+
+def scans() -> int:
+    return sum(probe.scans for probe in list(_probes.values()))
+
+
+async def two_scans() -> None:
+    """Wait until the watchdog has scanned twice more (so once after this call)."""
+    seen = scans()
+    await until(lambda: scans() >= seen + 2)
+
+
+def assert_reported(
+    obs: Observed, func: Callable[..., Any], marker: str, *, sync: bool
+) -> dict[str, Any]:
+    """One ``task.hung`` for ``func`` at ``marker``, in the log and on the task's span."""
+    (event,) = hung(obs)
+    assert event["task"] == name_of(func)
+    assert event["location"] in markers(FILE, marker), (event["location"], event["stack"])
+    assert event["sync"] is sync
+    assert event["report"] == 1
+    assert event["age_s"] >= HUNG
+    assert event["trace_id"] is not None
+    assert event["span_id"] is not None
+    lines = [line.strip() for line in event["stack"].splitlines()]
+    assert any(line.startswith(event["location"] + " in ") for line in lines), lines
+    return event
+
+
+def assert_span_and_record(obs: Observed, func: Callable[..., Any], event: dict[str, Any]) -> None:
+    (span,) = [s for s in obs.task_spans() if s.name == f"background_task {name_of(func)}"]
+    (span_event,) = [e for e in span.events if e.name == "task.hung"]
+    assert span_event.attributes is not None
+    assert span_event.attributes["code.location"] == event["location"]
+    path, _, line = event["location"].rpartition(":")
+    assert span_event.attributes["code.file.path"] == path
+    assert span_event.attributes["code.line.number"] == int(line)
+    (ended,) = obs.logs.named("task.hung_ended")
+    assert ended["task"] == name_of(func)
+    assert ended["hung_reported"] is True
+
+
+async def test_a_future_that_never_completes(anyio_backend: str) -> None:
+    """A task awaiting a future nobody completes is reported at its ``await``."""
+    clock = FakeClock()
+    obs = observed(clock)
+    flag = threading.Event()
+    release = anyio.Event()
+    func: Callable[..., Any]
+    args: tuple[Any, ...]
+    if anyio_backend == "asyncio":
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        func, args, marker = hanging.awaits_future, (future, flag), "hung-future"
+    else:
+        func, args, marker = hanging.awaits_event, (release, flag), "hung-event"
+    async with anyio.create_task_group() as group:
+        group.start_soon(run, obs, func, *args)
+        await entered(flag)
+        clock.now += HUNG
+        await until(lambda: hung(obs))
+        if anyio_backend == "asyncio":
+            future.set_result(None)
+        release.set()
+    event = assert_reported(obs, func, marker, sync=False)
+    assert_span_and_record(obs, func, event)
+
+
+async def test_a_slow_loopback_server(anyio_backend: str) -> None:
+    """A task reading from a server that does not answer is reported at its read."""
+    clock = FakeClock()
+    obs = observed(clock)
+    flag = threading.Event()
+    answer = anyio.Event()
+
+    async def serve(stream: Any) -> None:
+        async with stream:
+            await answer.wait()
+            await stream.send(b"late")
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    async with listener, anyio.create_task_group() as group:
+        group.start_soon(listener.serve, serve)
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(run, obs, hanging.reads_slow_server, port, flag)
+            await entered(flag)
+            clock.now += HUNG * 1.5
+            await until(lambda: hung(obs))
+            answer.set()
+        group.cancel_scope.cancel()
+    event = assert_reported(obs, hanging.reads_slow_server, "hung-server", sync=False)
+    assert event["age_s"] == pytest.approx(HUNG * 1.5)
+    assert_span_and_record(obs, hanging.reads_slow_server, event)
+    assert (
+        obs.value(
+            "taskscope_tasks_total", task=name_of(hanging.reads_slow_server), outcome="success"
+        )
+        == 1
+    )
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_gathered_child_that_hangs(anyio_backend: str) -> None:
+    """asyncio.gather: the location is the pending child's await; the stack shows both."""
+    clock = FakeClock()
+    obs = observed(clock)
+    flag = threading.Event()
+    release = anyio.Event()
+    async with anyio.create_task_group() as group:
+        group.start_soon(run, obs, hanging.gathers, release, flag)
+        await entered(flag)
+        clock.now += HUNG
+        await until(lambda: hung(obs))
+        release.set()
+    event = assert_reported(obs, hanging.gathers, "hung-child", sync=False)
+    lines = event["stack"].splitlines()
+    assert lines[0].startswith("child ")
+    (child_line,) = [line for line in lines if line.strip().startswith(event["location"] + " ")]
+    assert child_line.startswith("  ")
+    gather_line = next(iter(markers(FILE, "hung-gather")))
+    assert any(line.startswith(gather_line + " in gathers") for line in lines), lines
+    assert len([line for line in lines if line.startswith("child ")]) == 1  # _quick is done
+
+
+async def test_a_task_group_child_that_hangs(anyio_backend: str) -> None:
+    """anyio task group (asyncio TaskGroup-like, trio nursery): the pending child is found."""
+    clock = FakeClock()
+    obs = observed(clock)
+    flag = threading.Event()
+    release = anyio.Event()
+    async with anyio.create_task_group() as group:
+        group.start_soon(run, obs, hanging.task_group, release, flag)
+        await entered(flag)
+        clock.now += HUNG
+        await until(lambda: hung(obs))
+        release.set()
+    event = assert_reported(obs, hanging.task_group, "hung-child", sync=False)
+    assert "task_group" in event["stack"]
+
+
+async def test_a_sync_task_in_time_sleep(anyio_backend: str) -> None:
+    """A sync task stuck in its worker thread is reported with that thread's stack."""
+    clock = FakeClock()
+    obs = observed(clock)
+    flag, release = threading.Event(), threading.Event()
+    async with anyio.create_task_group() as group:
+        group.start_soon(run, obs, hanging.sleeps, release, flag)
+        await entered(flag)
+        clock.now += HUNG
+        await until(lambda: hung(obs))
+        release.set()
+    event = assert_reported(obs, hanging.sleeps, "hung-sleep", sync=True)
+    assert "in_worker_thread" not in event["stack"]  # taskscope's and the pool's frames cut
+    assert_span_and_record(obs, hanging.sleeps, event)
+
+
+async def test_a_sync_task_blocked_on_a_lock(anyio_backend: str) -> None:
+    """A sync task waiting for a threading.Lock is reported at the acquire."""
+    clock = FakeClock()
+    obs = observed(clock)
+    flag, lock = threading.Event(), threading.Lock()
+    lock.acquire()
+    try:
+        async with anyio.create_task_group() as group:
+            group.start_soon(run, obs, hanging.takes_lock, lock, flag)
+            await entered(flag)
+            clock.now += HUNG
+            await until(lambda: hung(obs))
+            lock.release()
+    finally:
+        if lock.locked():
+            lock.release()
+    event = assert_reported(obs, hanging.takes_lock, "hung-lock", sync=True)
+    assert event["stack"].splitlines() == [f"{event['location']} in takes_lock"]
+
+
+async def test_ending_just_under_the_threshold_is_never_reported(anyio_backend: str) -> None:
+    """A task that ends a hair before hung_after: no event, and its record says so."""
+    clock = FakeClock()
+    obs = observed(clock)
+    flag = threading.Event()
+    release = anyio.Event()
+    async with anyio.create_task_group() as group:
+        group.start_soon(run, obs, hanging.awaits_event, release, flag)
+        await entered(flag)
+        clock.now += HUNG - 1e-6
+        await two_scans()  # the watchdog looked, more than once
+        release.set()
+    assert hung(obs) == []
+    assert obs.logs.named("task.hung_ended") == []
+    (span,) = obs.task_spans()
+    assert [e.name for e in span.events] == []
+
+
+def test_back_off_is_bounded() -> None:
+    """Reported at the threshold, then at doubling ages, at most MAX_GAP apart."""
+    ages = [_hung.due_age(60.0, step) for step in range(8)]
+    assert ages[:5] == [60.0, 120.0, 240.0, 480.0, 960.0]
+    gaps = [b - a for a, b in itertools.pairwise(ages)]
+    assert max(gaps) == _hung.MAX_GAP
+    assert ages[7] == 960.0 + 600.0 * 3
+
+
+async def test_reported_again_at_the_back_off_then_recorded(anyio_backend: str) -> None:
+    """One report per due age, not one per scan; the final record says it was reported."""
+    from taskscope.testing import capture
+
+    clock = FakeClock()
+    obs = observed(clock)
+    flag = threading.Event()
+    release = anyio.Event()
+    with capture(obs.telemetry) as captured:
+        async with anyio.create_task_group() as group:
+            group.start_soon(run, obs, hanging.awaits_event, release, flag)
+            await entered(flag)
+            for age, reports in ((HUNG, 1), (HUNG * 1.9, 1), (HUNG * 2, 2), (HUNG * 4.5, 3)):
+                clock.now = 1000.0 + age
+                await two_scans()
+                assert len(hung(obs)) == reports, (age, hung(obs))
+            release.set()
+    assert [e["report"] for e in hung(obs)] == [1, 2, 3]
+    assert [h.report for h in captured.hung] == [1, 2, 3]
+    (record,) = captured.tasks
+    assert record.hung_reported
+    assert record.outcome == "success"
+
+
+async def test_off_with_none(anyio_backend: str) -> None:
+    """hung_after=None: no scans, no report, however long the task runs."""
+    clock = FakeClock()
+    obs = observed(clock, hung_after=None)
+    flag = threading.Event()
+    release = anyio.Event()
+    async with anyio.create_task_group() as group:
+        group.start_soon(run, obs, hanging.awaits_event, release, flag)
+        await entered(flag)
+        clock.now += 10**6
+        probes = list(_probes.values())
+        assert probes
+        assert all(p.hung_period is None for p in probes)
+        await anyio.sleep(0.05)  # what a scan would take: none is scheduled
+        release.set()
+    assert hung(obs) == []
+
+
+async def test_detection_latency_in_real_time(anyio_backend: str) -> None:
+    """Real clock: the report comes within one scan period (+ slack) of the threshold."""
+    obs = make_observed(hung_after=0.2)
+    flag = threading.Event()
+    release = anyio.Event()
+    started: list[float] = []
+    arrived: list[float] = []
+    log = obs.logs._log
+
+    def timed(level: str, event: str, **kw: Any) -> None:
+        if event == "task.hung":
+            arrived.append(time.perf_counter())
+        log(level, event, **kw)
+
+    obs.logs._log = timed  # type: ignore[method-assign]
+
+    async with anyio.create_task_group() as group:
+        started.append(time.perf_counter())  # before taskscope's start: an upper bound
+        group.start_soon(run, obs, hanging.awaits_event, release, flag)
+        await until(lambda: arrived)
+        release.set()
+    latency = arrived[0] - started[0] - 0.2
+    print(f"hung detection latency past the threshold: {latency * 1000:.1f} ms")
+    assert 0.0 <= latency < _hung.scan_period(0.2) + 0.1, latency
+
+
+def test_a_sync_task_waiting_for_a_thread() -> None:
+    """Not started in a thread yet: said so, rather than a stack of another task."""
+    runtime = runtime_of(Telemetry(prometheus=False, otel_metrics=False))
+    run = TaskRun("t", runtime)
+    assert _hung.where(run) == (_hung.WAITING_FOR_THREAD, ())
+
+
+def test_hung_after_setting_and_env() -> None:
+    """hung_after: positive seconds or None; TASKSCOPE_HUNG_AFTER reads seconds or off."""
+    assert Telemetry().hung_after == 60.0
+    assert Telemetry.from_env({"TASKSCOPE_HUNG_AFTER": "90"}).hung_after == 90.0
+    assert Telemetry.from_env({"TASKSCOPE_HUNG_AFTER": "off"}).hung_after is None
+    assert Telemetry.from_env({"TASKSCOPE_HUNG_AFTER": " None "}).hung_after is None
+    with pytest.raises(ValueError, match="TASKSCOPE_HUNG_AFTER"):
+        Telemetry.from_env({"TASKSCOPE_HUNG_AFTER": "soon"})
+    with pytest.raises(ValueError, match="hung_after"):
+        Telemetry(hung_after=0)
+    with pytest.raises(ValueError, match="hung_after"):
+        Telemetry(hung_after=-1.0)
