@@ -17,7 +17,10 @@ from collections.abc import Callable
 from typing import Any
 
 import anyio
+import anyio.abc
 import pytest
+import uvloop
+from prometheus_client import CollectorRegistry
 
 from taskscope import BackgroundTasks, Telemetry, _hung
 from taskscope._probe import _probes
@@ -27,6 +30,20 @@ from tests.conftest import Observed, make_observed
 from tests.scenarios import hanging, markers
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(params=["asyncio", "trio", "uvloop"])
+def anyio_backend(request: pytest.FixtureRequest) -> Any:
+    """asyncio, trio, and asyncio on uvloop's loop."""
+    if request.param == "uvloop":
+        return ("asyncio", {"loop_factory": uvloop.new_event_loop})
+    return request.param
+
+
+def backend_name(anyio_backend: Any) -> str:
+    return anyio_backend if isinstance(anyio_backend, str) else anyio_backend[0]
+
+
 HUNG = 1.0  # seconds of fake time; the watchdog scans every HUNG / 20 s of real time
 FILE = os.path.realpath(hanging.__file__)
 
@@ -112,7 +129,7 @@ def assert_span_and_record(obs: Observed, func: Callable[..., Any], event: dict[
     assert ended["hung_reported"] is True
 
 
-async def test_a_future_that_never_completes(anyio_backend: str) -> None:
+async def test_a_future_that_never_completes(anyio_backend: Any) -> None:
     """A task awaiting a future nobody completes is reported at its ``await``."""
     clock = FakeClock()
     obs = observed(clock)
@@ -120,7 +137,7 @@ async def test_a_future_that_never_completes(anyio_backend: str) -> None:
     release = anyio.Event()
     func: Callable[..., Any]
     args: tuple[Any, ...]
-    if anyio_backend == "asyncio":
+    if backend_name(anyio_backend) == "asyncio":
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         func, args, marker = hanging.awaits_future, (future, flag), "hung-future"
     else:
@@ -130,14 +147,14 @@ async def test_a_future_that_never_completes(anyio_backend: str) -> None:
         await entered(flag)
         clock.now += HUNG
         await until(lambda: hung(obs))
-        if anyio_backend == "asyncio":
+        if backend_name(anyio_backend) == "asyncio":
             future.set_result(None)
         release.set()
     event = assert_reported(obs, func, marker, sync=False)
     assert_span_and_record(obs, func, event)
 
 
-async def test_a_slow_loopback_server(anyio_backend: str) -> None:
+async def test_a_slow_loopback_server(anyio_backend: Any) -> None:
     """A task reading from a server that does not answer is reported at its read."""
     clock = FakeClock()
     obs = observed(clock)
@@ -171,8 +188,10 @@ async def test_a_slow_loopback_server(anyio_backend: str) -> None:
     )
 
 
-@pytest.mark.parametrize("anyio_backend", ["asyncio"])
-async def test_a_gathered_child_that_hangs(anyio_backend: str) -> None:
+@pytest.mark.parametrize(
+    "anyio_backend", ["asyncio", ("asyncio", {"loop_factory": uvloop.new_event_loop})]
+)
+async def test_a_gathered_child_that_hangs(anyio_backend: Any) -> None:
     """asyncio.gather: the location is the pending child's await; the stack shows both."""
     clock = FakeClock()
     obs = observed(clock)
@@ -194,7 +213,7 @@ async def test_a_gathered_child_that_hangs(anyio_backend: str) -> None:
     assert len([line for line in lines if line.startswith("child ")]) == 1  # _quick is done
 
 
-async def test_a_task_group_child_that_hangs(anyio_backend: str) -> None:
+async def test_a_task_group_child_that_hangs(anyio_backend: Any) -> None:
     """anyio task group (asyncio TaskGroup-like, trio nursery): the pending child is found."""
     clock = FakeClock()
     obs = observed(clock)
@@ -210,7 +229,7 @@ async def test_a_task_group_child_that_hangs(anyio_backend: str) -> None:
     assert "task_group" in event["stack"]
 
 
-async def test_a_sync_task_in_time_sleep(anyio_backend: str) -> None:
+async def test_a_sync_task_in_time_sleep(anyio_backend: Any) -> None:
     """A sync task stuck in its worker thread is reported with that thread's stack."""
     clock = FakeClock()
     obs = observed(clock)
@@ -226,7 +245,7 @@ async def test_a_sync_task_in_time_sleep(anyio_backend: str) -> None:
     assert_span_and_record(obs, hanging.sleeps, event)
 
 
-async def test_a_sync_task_blocked_on_a_lock(anyio_backend: str) -> None:
+async def test_a_sync_task_blocked_on_a_lock(anyio_backend: Any) -> None:
     """A sync task waiting for a threading.Lock is reported at the acquire."""
     clock = FakeClock()
     obs = observed(clock)
@@ -246,7 +265,7 @@ async def test_a_sync_task_blocked_on_a_lock(anyio_backend: str) -> None:
     assert event["stack"].splitlines() == [f"{event['location']} in takes_lock"]
 
 
-async def test_ending_just_under_the_threshold_is_never_reported(anyio_backend: str) -> None:
+async def test_ending_just_under_the_threshold_is_never_reported(anyio_backend: Any) -> None:
     """A task that ends a hair before hung_after: no event, and its record says so."""
     clock = FakeClock()
     obs = observed(clock)
@@ -273,7 +292,7 @@ def test_back_off_is_bounded() -> None:
     assert ages[7] == 960.0 + 600.0 * 3
 
 
-async def test_reported_again_at_the_back_off_then_recorded(anyio_backend: str) -> None:
+async def test_reported_again_at_the_back_off_then_recorded(anyio_backend: Any) -> None:
     """One report per due age, not one per scan; the final record says it was reported."""
     from taskscope.testing import capture
 
@@ -297,7 +316,7 @@ async def test_reported_again_at_the_back_off_then_recorded(anyio_backend: str) 
     assert record.outcome == "success"
 
 
-async def test_off_with_none(anyio_backend: str) -> None:
+async def test_off_with_none(anyio_backend: Any) -> None:
     """hung_after=None: no scans, no report, however long the task runs."""
     clock = FakeClock()
     obs = observed(clock, hung_after=None)
@@ -315,7 +334,7 @@ async def test_off_with_none(anyio_backend: str) -> None:
     assert hung(obs) == []
 
 
-async def test_detection_latency_in_real_time(anyio_backend: str) -> None:
+async def test_detection_latency_in_real_time(anyio_backend: Any) -> None:
     """Real clock: the report comes within one scan period (+ slack) of the threshold."""
     obs = make_observed(hung_after=0.2)
     flag = threading.Event()
@@ -360,3 +379,68 @@ def test_hung_after_setting_and_env() -> None:
         Telemetry(hung_after=0)
     with pytest.raises(ValueError, match="hung_after"):
         Telemetry(hung_after=-1.0)
+
+
+def otel_oldest(obs: Observed) -> dict[str, float]:
+    data = obs.metric_reader.get_metrics_data()
+    assert data is not None
+    return {
+        str(point.attributes["task"]): point.value  # type: ignore[union-attr]
+        for resource in data.resource_metrics
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+        if metric.name == "taskscope.task.oldest_running"
+        for point in metric.data.data_points
+        if point.attributes is not None
+    }
+
+
+async def test_oldest_running_gauge(anyio_backend: Any) -> None:
+    """Age of the oldest running task per name, at scrape time (Prometheus and OTel)."""
+    clock = FakeClock()
+    obs = observed(clock, hung_after=None)
+    name = name_of(hanging.awaits_event)
+    flags = [threading.Event(), threading.Event()]
+    release = anyio.Event()
+    async with anyio.create_task_group() as group:
+        group.start_soon(run, obs, hanging.awaits_event, release, flags[0])
+        await entered(flags[0])
+        clock.now += 30.0
+        group.start_soon(run, obs, hanging.awaits_event, release, flags[1])
+        await entered(flags[1])
+        clock.now += 12.5
+        assert obs.value("taskscope_task_oldest_running_seconds", task=name) == 42.5
+        assert otel_oldest(obs) == {name: 42.5}
+        release.set()
+    assert (
+        obs.registry.get_sample_value("taskscope_task_oldest_running_seconds", {"task": name})
+        == 0.0
+    )
+    assert otel_oldest(obs) == {name: 0.0}
+
+
+def test_oldest_running_gauge_multiprocess_values() -> None:
+    """prometheus_client's gauge (multiprocess mode) is written by the watchdog's scan."""
+    from taskscope._signals.prometheus import PrometheusMetrics
+
+    class Source:
+        def __init__(self) -> None:
+            self.ages = {"a": 3.0, "b": 90.0}
+
+        def oldest_running(self) -> dict[str, float]:
+            return self.ages
+
+    registry = CollectorRegistry()
+    metrics = PrometheusMetrics(registry)
+    source = Source()
+    metrics.watch(source)
+    metrics.task_started("a")
+    metrics.task_started("c")
+    metrics.refresh_oldest()
+    value = registry.get_sample_value
+    assert value("taskscope_task_oldest_running_seconds", {"task": "a"}) == 3.0
+    assert value("taskscope_task_oldest_running_seconds", {"task": "b"}) == 90.0
+    assert value("taskscope_task_oldest_running_seconds", {"task": "c"}) == 0.0
+    source.ages = {}
+    metrics.refresh_oldest()
+    assert value("taskscope_task_oldest_running_seconds", {"task": "a"}) == 0.0

@@ -297,6 +297,7 @@ class LoopProbe:
         for runtime in list(self.runtimes):
             try:
                 _hung.check(runtime)
+                runtime.refresh_oldest()
             except Exception:
                 runtime.absorb("loop_probe")
         self.scans += 1

@@ -111,6 +111,9 @@ class Runtime:
         logger = t.logger if t.logger is not None else structlog.get_logger("taskscope")
         self.logs = LogEvents(logger)
         self._sinks.append(("logging", self.logs))
+        for sink in (self.prometheus, self.otel_metrics):  # the oldest-running gauge
+            if sink is not None:
+                sink.watch(self)
         # The sinks that count (all but logging), for the per-task hot path.
         self._metric_sinks = [(s, sink) for s, sink in self._sinks if s != "logging"]
 
@@ -198,6 +201,15 @@ class Runtime:
                 if age > ages.get(name, -1.0):
                     ages[name] = age
         return ages
+
+    def refresh_oldest(self) -> None:
+        """Multiprocess Prometheus: write the oldest-running gauge (the watchdog's scan)."""
+        refresh = getattr(self.prometheus, "refresh_oldest", None)
+        if refresh is not None:
+            try:
+                refresh()
+            except Exception:
+                self.absorb("prometheus")
 
     def lag(self, seconds: float) -> None:
         for signal, sink in self._metric_sinks:

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -129,6 +130,7 @@ class FastMetrics:
     wait: _HistogramFamily
     thread_wait: _HistogramFamily
     in_progress: _GaugeFamily
+    oldest_running: _GaugeFamily
     loop_lag: _HistogramFamily
     loop_blocks: _CounterFamily
     loop_block_seconds: _HistogramFamily
@@ -154,7 +156,12 @@ class FastMetrics:
 
         for signal in SIGNALS:  # zero from the first scrape, so rate() works
             self.instrumentation_errors.values[(signal,)] = 0.0
+        self._sources: weakref.WeakSet[Any] = weakref.WeakSet()
         registry.register(self)  # raises if the names are taken: the sink is then off
+
+    def watch(self, runtime: Any) -> None:
+        """Read ``runtime``'s tasks in flight, at scrape time, for the oldest-running gauge."""
+        self._sources.add(runtime)
 
     # -- the collector ---------------------------------------------------------------------
     def describe(self) -> list[Metric]:
@@ -167,7 +174,15 @@ class FastMetrics:
         return [kinds[type(f)](f.name, f.documentation) for f in self._families]
 
     def collect(self) -> Iterator[Metric]:
+        ages: dict[Key, float] = {}
+        for runtime in list(self._sources):  # outside the lock: the tasks' clocks
+            for name, age in runtime.oldest_running().items():
+                ages[(name,)] = max(age, ages.get((name,), 0.0))
         with self._lock:  # a consistent snapshot; rendering happens outside the lock
+            # Every name that ever ran: 0 when none runs now (an alert's series persists).
+            self.oldest_running.values = {
+                key: ages.get(key, 0.0) for key in (*self.in_progress.values, *ages)
+            }
             families = [family.family() for family in self._families]
         yield from families
 
