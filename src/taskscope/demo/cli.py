@@ -166,9 +166,11 @@ def run(args: argparse.Namespace) -> int:
         meter_provider=otlp.meter_provider,
         otel_metrics=otlp.meter_provider is not None,
         span_mode="child" if otlp.tracer_provider is not None else "off",
+        hung_after=demo_app.DEMO_HUNG_AFTER,
     )
     demo_app.LOG_FILE.write_text("")
-    server = DemoServer(demo_app.create_app(telemetry, demo_app.metrics_app_for(registry)), sock)
+    app = demo_app.create_app(telemetry, demo_app.metrics_app_for(registry))
+    server = DemoServer(app, sock)
     if not server.start():
         print("the demo server did not start (see the errors above)", file=sys.stderr)
         sock.close()
@@ -202,6 +204,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         stop_load.set()
         _join(load_thread, 6)
+        app.state.partner.close()  # the dead upstream hangs up: the hung task ends
         server.stop()
         otlp.shutdown()
         signal.signal(signal.SIGTERM, previous)
