@@ -23,7 +23,7 @@ import uvloop
 from prometheus_client import CollectorRegistry
 
 from taskscope import BackgroundTasks, Telemetry, _hung
-from taskscope._probe import _probes
+from taskscope._probe import _probes, probe_for
 from taskscope._run import TaskRun
 from taskscope._runtime import runtime_of
 from tests.conftest import Observed, make_observed
@@ -229,6 +229,29 @@ async def test_a_task_group_child_that_hangs(anyio_backend: Any) -> None:
     assert "task_group" in event["stack"]
 
 
+@pytest.mark.parametrize(
+    ("anyio_backend", "func"),
+    [("asyncio", hanging.asyncio_task_group), ("trio", hanging.trio_nursery)],
+)
+async def test_native_task_group_and_nursery(anyio_backend: Any, func: Any) -> None:
+    """asyncio.TaskGroup and trio's nursery: the pending child's line, under its parent."""
+    clock = FakeClock()
+    obs = observed(clock)
+    flag = threading.Event()
+    release = anyio.Event()
+    async with anyio.create_task_group() as group:
+        group.start_soon(run, obs, func, release, flag)
+        await entered(flag)
+        clock.now += HUNG
+        await until(lambda: hung(obs))
+        release.set()
+    event = assert_reported(obs, func, "hung-child", sync=False)
+    lines = event["stack"].splitlines()
+    assert lines[0].startswith("child ")
+    assert lines[-1].endswith(f" in {func.__name__}")
+    assert not any("_quick" in line for line in lines)  # done: not a pending child
+
+
 async def test_a_sync_task_in_time_sleep(anyio_backend: Any) -> None:
     """A sync task stuck in its worker thread is reported with that thread's stack."""
     clock = FakeClock()
@@ -326,9 +349,9 @@ async def test_off_with_none(anyio_backend: Any) -> None:
         group.start_soon(run, obs, hanging.awaits_event, release, flag)
         await entered(flag)
         clock.now += 10**6
-        probes = list(_probes.values())
-        assert probes
-        assert all(p.hung_period is None for p in probes)
+        probe = probe_for(runtime_of(obs.telemetry))
+        assert probe is not None
+        assert probe.hung_period is None
         await anyio.sleep(0.05)  # what a scan would take: none is scheduled
         release.set()
     assert hung(obs) == []

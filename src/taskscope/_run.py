@@ -352,23 +352,23 @@ async def run_one(task: BackgroundTask, cap: Capture, sent_at: float) -> None:
         if error is not None and run.error_type is None:
             run.error_type = type(error).__name__
             run.error_message = safe_message(error, telemetry)
-        runtime.record(
-            TaskRecord(
-                name,
-                outcome,
-                sync,
-                end - ran_from,
-                start - sent_at,
-                thread_wait=(thread_started[0] - start) if thread_started else None,
-                error_type=run.error_type,
-                error_message=run.error_message,
-                trace_id=run.trace_id,
-                span_id=run.span_id,
-                loop_busy=run.busy,
-                loop_blocks=run.blocks,
-                hung_reported=run.hung > 0,
-            )
+        record = TaskRecord(
+            name,
+            outcome,
+            sync,
+            end - ran_from,
+            start - sent_at,
+            thread_wait=(thread_started[0] - start) if thread_started else None,
+            error_type=run.error_type,
+            error_message=run.error_message,
+            trace_id=run.trace_id,
+            span_id=run.span_id,
+            loop_busy=run.busy,
+            loop_blocks=run.blocks,
         )
+        if run.hung:  # rare: reported as hung by the watchdog
+            record = record._replace(hung_reported=True)
+        runtime.record(record)
 
 
 async def _traced(  # noqa: PLR0917 - private, called twice

@@ -60,3 +60,17 @@ def takes_lock(lock: Any, entered: threading.Event) -> None:
     entered.set()
     with lock:  # BLOCK: hung-lock
         pass
+
+
+async def asyncio_task_group(release: anyio.Event, entered: threading.Event) -> None:
+    async with asyncio.TaskGroup() as group:
+        group.create_task(_quick())
+        group.create_task(_child_waits(release, entered))
+
+
+async def trio_nursery(release: anyio.Event, entered: threading.Event) -> None:
+    import trio
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_quick)
+        nursery.start_soon(_child_waits, release, entered)
