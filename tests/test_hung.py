@@ -306,6 +306,48 @@ async def test_ending_just_under_the_threshold_is_never_reported(anyio_backend: 
     assert [e.name for e in span.events] == []
 
 
+async def test_a_hung_task_that_fails_says_so(anyio_backend: Any) -> None:
+    """task.failed carries hung_reported (no separate hung_ended event for failures)."""
+    clock = FakeClock()
+    obs = observed(clock)
+    flag = threading.Event()
+    release = anyio.Event()
+
+    async def run_failing() -> None:
+        with pytest.raises(ConnectionError, match="upstream gave up"):
+            await run(obs, hanging.fails_after, release, flag)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(run_failing)
+        await entered(flag)
+        clock.now += HUNG
+        await until(lambda: hung(obs))
+        release.set()
+    assert_reported(obs, hanging.fails_after, "hung-then-fails", sync=False)
+    (failed,) = obs.logs.named("task.failed")
+    assert failed["hung_reported"] is True
+    assert obs.logs.named("task.hung_ended") == []
+
+
+def test_abandoned_at_exit_keeps_the_mark() -> None:
+    """A hung task still running at interpreter exit: abandoned, and marked as reported."""
+    from taskscope.testing import capture
+
+    obs = make_observed(clock=FakeClock())
+    runtime = runtime_of(obs.telemetry)
+    with capture(obs.telemetry) as captured:
+        run = TaskRun("app.stuck", runtime)
+        run.hung = 2
+        runtime.track(1, "app.stuck", 990.0, run)
+        runtime.track(2, "app.waiting", 0.0, None)  # accounted for, never started
+        assert runtime.abandon_inflight() == {"app.stuck": 1, "app.waiting": 1}
+    by_name = {r.name: r for r in captured.tasks}
+    assert by_name["app.stuck"].hung_reported
+    assert by_name["app.stuck"].duration == 10.0
+    assert not by_name["app.waiting"].hung_reported
+    assert by_name["app.waiting"].duration == 0.0
+
+
 def test_back_off_is_bounded() -> None:
     """Reported at the threshold, then at doubling ages, at most MAX_GAP apart."""
     ages = [_hung.due_age(60.0, step) for step in range(8)]

@@ -74,3 +74,10 @@ async def trio_nursery(release: anyio.Event, entered: threading.Event) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_quick)
         nursery.start_soon(_child_waits, release, entered)
+
+
+async def fails_after(release: anyio.Event, entered: threading.Event) -> None:
+    entered.set()
+    await release.wait()  # BLOCK: hung-then-fails
+    msg = "upstream gave up"
+    raise ConnectionError(msg)
