@@ -425,6 +425,28 @@ async def test_detection_latency_in_real_time(anyio_backend: Any) -> None:
     assert 0.0 <= latency < _hung.scan_period(0.2) + 0.1, latency
 
 
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize("factory", ["Task", "_PyTask"])
+async def test_a_task_awaited_directly(anyio_backend: Any, factory: str) -> None:
+    """``await task``: through the C FutureIter or the pure-Python Future.__await__."""
+    import asyncio.tasks
+
+    make = getattr(asyncio.tasks, factory)
+    runtime = runtime_of(Telemetry(prometheus=False, otel_metrics=False, loop_probe=False))
+    run = TaskRun("t", runtime)
+    flag = threading.Event()
+    release = anyio.Event()
+    run.coro = coro = hanging.awaits_a_task(release, flag, make)
+    parent = asyncio.get_running_loop().create_task(coro)
+    await entered(flag)
+    location, stack = _hung.where(run)
+    release.set()
+    await parent
+    assert location in markers(FILE, "hung-child")
+    assert stack[0].startswith("child ")
+    assert stack[-1].startswith(next(iter(markers(FILE, "hung-awaits-task"))) + " in ")
+
+
 def test_a_sync_task_waiting_for_a_thread() -> None:
     """Not started in a thread yet: said so, rather than a stack of another task."""
     runtime = runtime_of(Telemetry(prometheus=False, otel_metrics=False))

@@ -167,34 +167,44 @@ def _walk(awaitable: Any, depth: int) -> _Node:
     children: list[tuple[str, _Node]] = []
     seen: set[int] = set()
     obj = awaitable
+    last: Any = None  # the innermost coroutine or generator of the chain
     for _ in range(_MAX_FRAMES):
         frame = getattr(obj, "cr_frame", None) or getattr(obj, "gi_frame", None)
         if frame is None:
             break  # not a coroutine: a future (or another awaitable), or done
         frames.append(frame)
-        if depth < _MAX_DEPTH and frame.f_code.co_name in _GROUP_EXITS:
+        last = obj
+        if depth < _MAX_DEPTH and frame.f_code.co_name in _GROUP_EXITS and _suspended(obj):
             _group_children(frame, depth, children, seen)
         obj = getattr(obj, "cr_await", None) or getattr(obj, "gi_yieldfrom", None)
         if obj is None:
             break
-    if obj is not None and depth < _MAX_DEPTH:
-        future = _future_of(obj, frames)
+    if depth < _MAX_DEPTH:
+        future = _future_of(obj, frames, last)
         if future is not None:
             _future_children(future, depth, children, seen)
     return _Node(frames, children)
 
 
-def _future_of(obj: Any, frames: list[FrameType]) -> asyncio.Future[Any] | None:
-    """The asyncio future at the end of a chain (C ``FutureIter`` or Python ``__await__``)."""
-    if isinstance(obj, asyncio.Future):
-        return obj
-    if type(obj).__name__ == "FutureIter":
-        for referent in gc.get_referents(obj):
-            if isinstance(referent, asyncio.Future):
-                return referent
-    if frames and frames[-1].f_code.co_name == "__await__":
+def _suspended(obj: Any) -> bool:
+    """Only a suspended frame's locals are read (never one running on the loop thread)."""
+    return bool(getattr(obj, "cr_suspended", None) or getattr(obj, "gi_suspended", None))
+
+
+def _future_of(obj: Any, frames: list[FrameType], last: Any) -> asyncio.Future[Any] | None:
+    """The asyncio future at the end of a chain: awaited through the C ``FutureIter`` (its
+    one referent), or through the pure-Python ``Future.__await__`` (its ``self``)."""
+    if obj is not None:
+        if asyncio.isfuture(obj):
+            return obj
+        if type(obj).__name__ == "FutureIter":
+            for referent in gc.get_referents(obj):
+                if asyncio.isfuture(referent):
+                    return referent
+        return None
+    if frames and frames[-1].f_code.co_name == "__await__" and _suspended(last):
         owner = frames[-1].f_locals.get("self")
-        if isinstance(owner, asyncio.Future):
+        if asyncio.isfuture(owner):
             return owner
     return None
 
@@ -203,12 +213,17 @@ def _future_children(
     future: asyncio.Future[Any], depth: int, out: list[tuple[str, _Node]], seen: set[int]
 ) -> None:
     """A task awaited directly, or the pending children of ``asyncio.gather``."""
-    if isinstance(future, asyncio.Task):
+    if _is_task(future):
         _add_asyncio_task(future, depth, out, seen)
         return
     for child in tuple(getattr(future, "_children", None) or ()):
-        if isinstance(child, asyncio.Task):
+        if _is_task(child):
             _add_asyncio_task(child, depth, out, seen)
+
+
+def _is_task(obj: Any) -> bool:
+    """An asyncio task (C or pure-Python, or a subclass): a future with a coroutine."""
+    return asyncio.isfuture(obj) and hasattr(obj, "get_coro")
 
 
 def _group_children(
@@ -221,7 +236,7 @@ def _group_children(
     tasks = getattr(owner, "_tasks", None)
     if isinstance(tasks, (set, list, dict)):
         for task in tuple(tasks):
-            if isinstance(task, asyncio.Task):
+            if _is_task(task):
                 _add_asyncio_task(task, depth, out, seen)
     trio_tasks = getattr(owner, "child_tasks", None)
     if isinstance(trio_tasks, (frozenset, set)):
@@ -231,9 +246,7 @@ def _group_children(
                 out.append((str(getattr(task, "name", "task")), _walk(task.coro, depth + 1)))
 
 
-def _add_asyncio_task(
-    task: asyncio.Task[Any], depth: int, out: list[tuple[str, _Node]], seen: set[int]
-) -> None:
+def _add_asyncio_task(task: Any, depth: int, out: list[tuple[str, _Node]], seen: set[int]) -> None:
     if task.done() or id(task) in seen or len(out) >= _MAX_CHILDREN:
         return
     seen.add(id(task))

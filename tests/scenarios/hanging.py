@@ -81,3 +81,8 @@ async def fails_after(release: anyio.Event, entered: threading.Event) -> None:
     await release.wait()  # BLOCK: hung-then-fails
     msg = "upstream gave up"
     raise ConnectionError(msg)
+
+
+async def awaits_a_task(release: anyio.Event, entered: threading.Event, factory: Any) -> None:
+    child = factory(_child_waits(release, entered))
+    await child  # BLOCK: hung-awaits-task
