@@ -14,6 +14,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import CollectorRegistry
 
+import taskscope
 from taskscope import Telemetry
 from taskscope.testing import ListLogger
 
@@ -80,3 +81,10 @@ def observed() -> Iterator[Observed]:
 @pytest.fixture(params=["asyncio", "trio"])
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
+
+
+@pytest.fixture(autouse=True)
+def _no_instrumentation_left() -> Iterator[None]:
+    """Class patches of instrument()/instrument_app() never leak into the next test."""
+    yield
+    taskscope.uninstrument()

@@ -76,3 +76,39 @@ def test_instrument_app_scopes_plain_tasks_to_the_app(observed: Observed) -> Non
     assert ran == ["job", "job"]
     assert sum(observed.outcomes().values()) == 1
     assert other.outcomes() == {}
+
+
+def test_instrument_app_again_swaps_settings_and_uninstrument_app_undoes() -> None:
+    """A second instrument_app (even on a started app) swaps the settings without a second
+    middleware; uninstrument_app stops observing and restores Starlette's classes."""
+    from starlette.background import BackgroundTask as StarletteBackgroundTask
+
+    from taskscope import uninstrument_app
+
+    original_call = StarletteBackgroundTask.__call__
+    first, second = make_observed(), make_observed()
+    ran: list[str] = []
+
+    def job() -> None:
+        ran.append("job")
+
+    async def endpoint(request: Request) -> Response:
+        tasks = StarletteBackgroundTasks()
+        tasks.add_task(job)
+        return Response("ok", background=tasks)
+
+    app = Starlette(routes=[Route("/", endpoint)])
+    with TestClient(app) as client:
+        client.get("/")  # started before taskscope is involved at all
+        instrument_app(app, first.telemetry)
+        client.get("/")
+        instrument_app(app, second.telemetry)
+        client.get("/")
+        assert StarletteBackgroundTask.__call__ is not original_call
+        uninstrument_app(app)
+        assert StarletteBackgroundTask.__call__ is original_call
+        client.get("/")
+    assert ran == ["job"] * 4
+    assert sum(first.outcomes().values()) == 1
+    assert sum(second.outcomes().values()) == 1
+    assert app.user_middleware == []  # wrapped around the built stack, not added

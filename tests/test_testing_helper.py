@@ -145,3 +145,73 @@ def test_guard_fixture_fails_blocking_and_failing_tests(pytester: pytest.Pyteste
     assert "task test_guarded.blocks blocked the event loop for" in output
     assert f"test_guarded.py:{culprit}" in output
     assert "task test_guarded.fails failed with ValueError: boom" in output
+
+
+MODULE_LEVEL = """
+import time
+import pytest
+from fastapi import BackgroundTasks, FastAPI
+from fastapi.testclient import TestClient
+from taskscope import instrument_app
+
+pytest_plugins = ["taskscope.testing"]
+
+app = FastAPI()  # the usual module-level app, plain FastAPI import
+
+async def blocks():
+    time.sleep(0.25)  # the culprit
+
+async def fails():
+    raise ValueError("boom")
+
+async def fine():
+    pass
+
+JOBS = {"blocks": blocks, "fails": fails, "fine": fine}
+
+@app.get("/{job}")
+async def endpoint(job: str, background: BackgroundTasks):
+    background.add_task(JOBS[job])
+    return "ok"
+
+client = TestClient(app)
+
+def test_fine_1(taskscope_guard):
+    client.get("/fine")
+
+def test_instrumented_per_test(taskscope_guard):
+    instrument_app(app, taskscope_guard.telemetry)  # again on a started app: no error
+    client.get("/fine")
+
+def test_instrumented_again(taskscope_guard):
+    instrument_app(app, taskscope_guard.telemetry)
+    client.get("/fine")
+    assert [e["event"] for e in taskscope_guard.logs] == []
+
+def test_blocking(taskscope_guard):
+    client.get("/blocks")
+
+def test_failing_task_raises_into_the_test(taskscope_guard):
+    client.get("/fails")
+
+def test_own_assertion_keeps_its_failure(taskscope_guard):
+    client.get("/blocks")
+    assert False, "the test's own failure"
+
+def test_fine_2(taskscope_guard):
+    client.get("/fine")
+"""
+
+
+def test_guard_with_a_module_level_app(pytester: pytest.Pytester) -> None:
+    """One module-level app across many tests, instrumented or not: each problem is one
+    failure (no extra teardown error), and a test's own failure keeps the guard's note."""
+    pytester.makepyfile(test_module_level=MODULE_LEVEL)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-W", "error")
+    result.assert_outcomes(passed=4, failed=3, errors=0)
+    output = result.stdout.str()
+    assert "test_blocking - Failed: taskscope_guard:" in output
+    assert "task test_module_level.blocks blocked the event loop for" in output
+    assert "FAILED test_module_level.py::test_failing_task_raises_into_the_test" in output
+    assert "task test_module_level.fails failed with ValueError: boom" in output
+    assert "the test's own failure" in output

@@ -16,6 +16,7 @@ from taskscope._instrumentor import (
     instrument,
     instrument_app,
     uninstrument,
+    uninstrument_app,
 )
 from taskscope._naming import task_name
 from taskscope._probe import lifespan, start_loop_probe
@@ -46,6 +47,7 @@ __all__ = (
     "start_metrics_server",
     "task_name",
     "uninstrument",
+    "uninstrument_app",
 )
 
 

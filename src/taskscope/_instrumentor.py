@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Awaitable, Callable, MutableMapping
+import weakref
 from typing import Any
 
 from starlette.background import BackgroundTask as StarletteBackgroundTask
 from starlette.background import BackgroundTasks as StarletteBackgroundTasks
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from taskscope import _fastapi
 from taskscope._config import Telemetry
@@ -15,12 +16,10 @@ from taskscope._run import recording_opaque, run_tasks
 from taskscope._runtime import current_telemetry
 from taskscope._task_kinds import own_collection_calls, own_task_calls
 
-Scope = MutableMapping[str, Any]
-ASGIApp = Callable[[Scope, Any, Any], Awaitable[None]]
-
 _lock = threading.Lock()
 _originals: dict[tuple[type, str], Any] = {}
 _everywhere = False  # instrument(): plain Starlette/FastAPI tasks of every app
+_everywhere_telemetry: Telemetry | None = None  # instrument(telemetry)
 
 
 class TelemetryMiddleware:
@@ -30,7 +29,7 @@ class TelemetryMiddleware:
         self.app = app
         self.telemetry = telemetry
 
-    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -41,44 +40,120 @@ class TelemetryMiddleware:
             current_telemetry.reset(token)
 
 
+class _AppScope:
+    """The settings one app's requests use; replaced by a later ``instrument_app`` call."""
+
+    __slots__ = ("telemetry",)
+
+    def __init__(self, telemetry: Telemetry | None) -> None:
+        self.telemetry = telemetry
+
+
+class _ScopedMiddleware:
+    """``instrument_app``'s middleware: reads the app's current settings per request."""
+
+    def __init__(self, app: ASGIApp, scope: _AppScope) -> None:
+        self.app = app
+        self.scope = scope
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        telemetry = self.scope.telemetry
+        if telemetry is None or scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        token = current_telemetry.set(telemetry)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            current_telemetry.reset(token)
+
+
+_scopes: weakref.WeakKeyDictionary[Any, _AppScope] = weakref.WeakKeyDictionary()
+
+
 def instrument_app(app: Any, telemetry: Telemetry | None = None) -> Telemetry:
     """Instrument every background task of a Starlette/FastAPI app, imports unchanged.
 
     Adds a small ASGI middleware that scopes ``telemetry`` to the app's requests, makes
     FastAPI build taskscope's ``BackgroundTasks`` and routes Starlette's own
     ``BackgroundTask(s)`` through taskscope while a request of this app runs them.
-    Call it before the app starts. Returns the settings in use.
+    The first call adds the middleware (or, on an app that has started already, wraps the
+    stack it built); later calls only swap the settings, so a module-level app shared by
+    many tests can be instrumented in each. Returns the settings in use. Undo with
+    :func:`uninstrument_app`.
     """
     telemetry = telemetry if telemetry is not None else Telemetry()
-    add_middleware = getattr(app, "add_middleware", None)
-    if add_middleware is None:
-        msg = (
-            "instrument_app() needs a Starlette or FastAPI app; "
-            "wrap other ASGI apps in TelemetryMiddleware"
-        )
-        raise TypeError(msg)
-    add_middleware(TelemetryMiddleware, telemetry=telemetry)
+    with _lock:
+        app_scope = _scopes.get(app)
+        if app_scope is None:
+            add_middleware = getattr(app, "add_middleware", None)
+            if add_middleware is None:
+                msg = (
+                    "instrument_app() needs a Starlette or FastAPI app; "
+                    "wrap other ASGI apps in TelemetryMiddleware"
+                )
+                raise TypeError(msg)
+            app_scope = _AppScope(telemetry)
+            stack = getattr(app, "middleware_stack", None)
+            if stack is None:
+                add_middleware(_ScopedMiddleware, scope=app_scope)
+            else:  # already started (Starlette refuses add_middleware): wrap what it built
+                app.middleware_stack = _ScopedMiddleware(stack, app_scope)
+            _scopes[app] = app_scope
+        else:
+            app_scope.telemetry = telemetry
     _fastapi.ensure_bound("instrument")
     _patch_plain_classes()
     return telemetry
 
 
-def instrument() -> None:
-    """Process-wide: every Starlette/FastAPI background task is observed (default settings).
+def uninstrument_app(app: Any) -> None:
+    """Undo :func:`instrument_app` for ``app``: its requests' tasks run as before.
 
-    What ``opentelemetry-instrument`` calls through the entry point. Undo with
-    :func:`uninstrument`.
+    The middleware stays (it cannot be removed from a started app) but passes requests
+    through; once no app is instrumented and :func:`instrument` is not on, the class
+    patches are undone too.
     """
-    global _everywhere  # noqa: PLW0603 - explicit, process-wide opt-in
+    with _lock:
+        app_scope = _scopes.get(app)
+        if app_scope is not None:
+            app_scope.telemetry = None
+        active = any(s.telemetry is not None for s in _scopes.values())
+    if not active and not _everywhere:
+        _undo_patches()
+
+
+def instrument(telemetry: Telemetry | None = None) -> None:
+    """Process-wide: every Starlette/FastAPI background task is observed.
+
+    ``telemetry`` applies to the tasks of apps not given their own by
+    :func:`instrument_app` (default: the process default). What ``opentelemetry-instrument``
+    calls through the entry point. Undo with :func:`uninstrument`.
+    """
+    global _everywhere, _everywhere_telemetry  # noqa: PLW0603 - explicit, process-wide opt-in
     _everywhere = True
+    _everywhere_telemetry = telemetry
     _fastapi.ensure_bound("instrument")
     _patch_plain_classes()
 
 
 def uninstrument() -> None:
-    """Undo :func:`instrument` and :func:`instrument_app`'s class patches."""
-    global _everywhere  # noqa: PLW0603
+    """Undo :func:`instrument` and every :func:`instrument_app`."""
+    global _everywhere, _everywhere_telemetry  # noqa: PLW0603
     _everywhere = False
+    _everywhere_telemetry = None
+    with _lock:
+        for app_scope in _scopes.values():
+            app_scope.telemetry = None
+    _undo_patches()
+
+
+def is_instrumented() -> bool:
+    """Whether :func:`instrument` is on (process-wide)."""
+    return _everywhere
+
+
+def _undo_patches() -> None:
     _fastapi.cancel_when_loaded(_patch_fastapi_class)
     with _lock:
         for (cls, attribute), original in _originals.items():
@@ -89,6 +164,11 @@ def uninstrument() -> None:
 
 def _observing() -> bool:
     return _everywhere or current_telemetry.get() is not None
+
+
+def _scoped() -> Telemetry | None:
+    """The app's settings (instrument_app), else instrument()'s; None: the default."""
+    return current_telemetry.get() or _everywhere_telemetry
 
 
 def _patch_plain_classes() -> None:
@@ -106,13 +186,13 @@ def _patch_plain_classes() -> None:
 
         async def call_one(self: StarletteBackgroundTask) -> None:
             if _observing() and recording_opaque.get() is not self:
-                await run_tasks([self])
+                await run_tasks([self], _scoped())
             else:  # not observed, or a subclass's super().__call__() inside its record
                 await single(self)
 
         async def call_many(self: StarletteBackgroundTasks) -> None:
             if _observing():
-                await run_tasks(self.tasks)
+                await run_tasks(self.tasks, _scoped())
             else:
                 await many(self)
 
@@ -138,7 +218,7 @@ def _patch_fastapi_class() -> None:
 
         async def call_fastapi(self: Any) -> None:
             if _observing():
-                await run_tasks(self.tasks)
+                await run_tasks(self.tasks, _scoped())
             else:
                 await fastapi_many(self)
 

@@ -22,7 +22,7 @@ from taskscope._naming import _NAME_ATTRIBUTE, callable_name
 from taskscope._probe import monitored, start_watchdog
 from taskscope._record import Outcome, TaskRecord
 from taskscope._runtime import Runtime, current_telemetry, resolve, runtime_of
-from taskscope._task_kinds import Kind, framework_operation, is_sync, kind_of
+from taskscope._task_kinds import Kind, framework_hook, framework_operation, is_sync, kind_of
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
@@ -41,7 +41,7 @@ class Capture:
     runs, so creating tasks touches no global state.
     """
 
-    __slots__ = ("_name", "accounted", "context", "func", "telemetry")
+    __slots__ = ("_name", "accounted", "context", "func", "kind", "telemetry")
 
     def __init__(
         self, func: Callable[..., Any], telemetry: Telemetry | None, context: Context
@@ -51,6 +51,7 @@ class Capture:
         self.context = context
         self._name: str | None = None
         self.accounted = False  # run_tasks took it: it will end in an outcome there
+        self.kind = Kind.PLAIN  # how it runs: set when run_tasks takes it
 
     def resolve(self, explicit: Telemetry | None) -> Telemetry:
         if self.telemetry is None:
@@ -180,6 +181,7 @@ async def run_tasks(
     first = _first_telemetry(captures, explicit)
     keep_going = first.continue_on_error if continue_on_error is None else continue_on_error
     sent_at = first.clock()
+    hook = framework_hook()
     error: Exception | None = None
     index = 0
     try:
@@ -191,7 +193,7 @@ async def run_tasks(
                 if cap is None:  # a nested collection: Starlette awaits it in its turn
                     await _run_nested(tasks[index], explicit, keep_going)
                 else:
-                    await run_one(tasks[index], cap, sent_at)
+                    await run_one(tasks[index], cap, sent_at, hook)
             except Exception as exc:
                 if error is None:
                     error = exc
@@ -230,10 +232,12 @@ def _account(
 ) -> None:
     """Capture and track the tasks not seen yet: from now on each ends in an outcome."""
     for task in tasks[len(captures) :]:
-        if kind_of(task) is Kind.NESTED:
+        kind = kind_of(task)
+        if kind is Kind.NESTED:
             captures.append(None)  # its tasks are accounted for when it runs
             continue
         cap = capture_of(task, explicit)
+        cap.kind = kind
         cap.accounted = True
         runtime_of(cap.resolve(explicit)).track(id(task), cap.name, 0.0, None)
         captures.append(cap)
@@ -300,42 +304,40 @@ def _record_not_run(
 _MAX_NESTING = 32
 
 
-async def run_one(task: BackgroundTask, cap: Capture, sent_at: float) -> None:
+async def run_one(task: BackgroundTask, cap: Capture, sent_at: float, hook: Any = None) -> None:
     """Run one task; record exactly one outcome; re-raise unchanged.
 
-    Runs inside the context FastAPI opens around each task (its span, when its telemetry
-    is on); the task's span is FastAPI's then, otherwise taskscope's own.
+    Runs inside the context FastAPI's own loop opens around each task (its span, when its
+    telemetry traces the request): the task's span is FastAPI's then, else taskscope's own.
     """
     telemetry = cap.resolve(None)
     runtime = runtime_of(telemetry)
     clock = telemetry.clock
     name = cap.name
     run = TaskRun(name, runtime)
-    kind = kind_of(task)
-    sync = is_sync(task)
+    plain = cap.kind is Kind.PLAIN
+    sync = (not task.is_async) if plain else is_sync(task)
     start = clock()
     runtime.track(id(task), name, start, run)
     runtime.task_started(name)
+    operation = None if hook is None else _enter_framework_operation(hook, task, run)
+    token = None if run.span is not None else _start_span(runtime, run, cap, sync, start - sent_at)
     outcome: Outcome = "success"
     error: BaseException | None = None
     thread_started: list[float] = []
     try:
-        try:
-            operation = framework_operation(task)
-        except Exception:
-            runtime.absorb("tracing")
-            operation = None
-        if operation is None:
-            await _traced(task, kind, cap, run, start - sent_at, thread_started)
+        if not plain:
+            await _run_opaque(task, run)
+        elif sync:
+            await _run_sync(task, run, thread_started, clock)
         else:
-            before = trace.get_current_span()
-            with operation:
-                current = trace.get_current_span()
-                adopted = current if current is not before else None
-                await _traced(task, kind, cap, run, start - sent_at, thread_started, adopted)
+            run.coro = coro = task.func(*task.args, **task.kwargs)
+            await monitored(coro, run)
     except BaseException as exc:
         error = exc
         outcome = _outcome_of(exc)
+        run.error_type = type(exc).__name__
+        run.error_message = safe_message(exc, telemetry)
         raise
     finally:
         end = clock()
@@ -343,15 +345,14 @@ async def run_one(task: BackgroundTask, cap: Capture, sent_at: float) -> None:
         # thread is recorded separately); never started in a thread: it did not run.
         if thread_started:
             ran_from = thread_started[0]
-        elif sync and kind is Kind.PLAIN:
+        elif sync and plain:
             ran_from = end
         else:
             ran_from = start
         runtime.untrack(id(task))
         runtime.task_finished(name)
-        if error is not None and run.error_type is None:
-            run.error_type = type(error).__name__
-            run.error_message = safe_message(error, telemetry)
+        if run.owns_span and run.span is not None:
+            _end_span(runtime, run, token, outcome, error)
         record = TaskRecord(
             name,
             outcome,
@@ -369,46 +370,32 @@ async def run_one(task: BackgroundTask, cap: Capture, sent_at: float) -> None:
         if run.hung:  # rare: reported as hung by the watchdog
             record = record._replace(hung_reported=True)
         runtime.record(record)
+        if operation is not None:  # FastAPI's span ends after the task's record is made
+            if error is None:
+                operation.__exit__(None, None, None)
+            else:
+                operation.__exit__(type(error), error, error.__traceback__)
 
 
-async def _traced(  # noqa: PLR0917 - private, called twice
-    task: BackgroundTask,
-    kind: Kind,
-    cap: Capture,
-    run: TaskRun,
-    wait: float,
-    thread_started: list[float],
-    adopted: Span | None = None,
-) -> None:
-    """The task inside its span: FastAPI's (``adopted``) or one taskscope starts."""
-    runtime = run.runtime
-    if adopted is not None:
-        token: object = None
-        _adopt_span(run, adopted)
-    else:
-        token = _start_span(runtime, run, cap, is_sync(task), wait)
+def _enter_framework_operation(hook: Any, task: BackgroundTask, run: TaskRun) -> Any:
+    """Open the context FastAPI's loop opens around a task; adopt the span it starts."""
     try:
-        await _execute(task, kind, run, thread_started)
-    except BaseException as exc:
-        run.error_type = type(exc).__name__
-        run.error_message = safe_message(exc, runtime.telemetry)
-        if run.span is not None and run.owns_span:
-            _end_span(runtime, run, token, _outcome_of(exc), exc)
-        raise
-    if run.span is not None and run.owns_span:
-        _end_span(runtime, run, token, "success", None)
+        operation = framework_operation(hook, task)
+        if operation is None:
+            return None
+        before = trace.get_current_span()
+        operation.__enter__()
+    except Exception:  # FastAPI's telemetry failing must not cost the task
+        run.runtime.absorb("tracing")
+        return None
+    current = trace.get_current_span()
+    if current is not before:
+        _adopt_span(run, current)
+    return operation
 
 
-async def _execute(
-    task: BackgroundTask, kind: Kind, run: TaskRun, thread_started: list[float]
-) -> None:
-    if kind is Kind.PLAIN:
-        if task.is_async:
-            run.coro = coro = task.func(*task.args, **task.kwargs)
-            await monitored(coro, run)
-        else:
-            await _run_sync(task, run, thread_started, run.runtime.telemetry.clock)
-        return
+async def _run_opaque(task: BackgroundTask, run: TaskRun) -> None:
+    """A task with its own ``__call__``: awaited as Starlette would, inside the record."""
     token = recording_opaque.set(task)
     try:
         run.coro = coro = task()

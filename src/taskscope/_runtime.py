@@ -11,12 +11,19 @@ from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-# Imported with taskscope, not at the first task: structlog's import (which pulls in rich when
-# installed) takes ~50 ms, and the first task is created on the event loop.
+# Imported with taskscope, not at the first task: the first task runs on the event loop,
+# where an import is blocking file I/O (structlog's, which pulls in rich when installed,
+# takes ~50 ms; blocking-call detectors such as blockbuster flag any of them).
 import structlog
+from opentelemetry import metrics, trace
+from prometheus_client import REGISTRY
 
 from taskscope._config import Telemetry
 from taskscope._naming import NameLimiter
+from taskscope._signals import prometheus_fast  # noqa: F401 - loaded now, not on the loop
+from taskscope._signals.logs import LogEvents
+from taskscope._signals.otel_metrics import OtelMetrics
+from taskscope._signals.prometheus import metrics_for
 from taskscope._version import __version__
 
 if TYPE_CHECKING:
@@ -86,28 +93,18 @@ class Runtime:
         t = self.telemetry
         if t.prometheus:
             try:
-                from prometheus_client import REGISTRY
-
-                from taskscope._signals.prometheus import metrics_for
-
                 self.prometheus = metrics_for(t.registry if t.registry is not None else REGISTRY)
                 self._sinks.append(("prometheus", self.prometheus))
             except Exception:  # a broken registry must not cost tasks
                 self.absorbed_errors += 1
         if t.otel_metrics:
             try:
-                from opentelemetry import metrics
-
-                from taskscope._signals.otel_metrics import OtelMetrics
-
                 provider = t.meter_provider or metrics.get_meter_provider()
                 if t.meter_provider is not None or not _unconfigured(provider):
                     self.otel_metrics = OtelMetrics(provider)
                     self._sinks.append(("otel_metrics", self.otel_metrics))
             except Exception:
                 self.absorb("otel_metrics")
-        from taskscope._signals.logs import LogEvents
-
         logger = t.logger if t.logger is not None else structlog.get_logger("taskscope")
         self.logs = LogEvents(logger)
         self._sinks.append(("logging", self.logs))
@@ -122,8 +119,6 @@ class Runtime:
         if self.telemetry.span_mode == "off":
             return None
         if self._tracer is None:
-            from opentelemetry import trace
-
             provider = self.telemetry.tracer_provider or trace.get_tracer_provider()
             self._tracer = provider.get_tracer("taskscope", __version__)
         return self._tracer

@@ -10,6 +10,7 @@ collection are run task by task, as Starlette's loop would.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from enum import Enum
 from types import FunctionType
@@ -47,35 +48,44 @@ def _is_stock(method: Any, known: frozenset[tuple[str, str]]) -> bool:
     )
 
 
+# Kind per task type, valid while Starlette's BackgroundTask.__call__ is the one it was
+# computed for: the base may be patched later (instrument(), another instrumentation).
+_kinds: dict[type, Kind] = {}
+_kinds_base: list[Any] = [None]
+_KINDS_CACHE_SIZE = 1024
+
+
 def kind_of(task: object) -> Kind:
     """How ``task`` is run (never raises: an unknown object is awaited as is)."""
+    if StarletteBackgroundTask.__call__ is not _kinds_base[0]:
+        _kinds.clear()
+        _kinds_base[0] = StarletteBackgroundTask.__call__
+    cls = type(task)
+    kind = _kinds.get(cls)
+    if kind is None:
+        kind = _kind_of_type(cls)
+        if len(_kinds) < _KINDS_CACHE_SIZE:
+            _kinds[cls] = kind
+    return kind
+
+
+def _kind_of_type(cls: type) -> Kind:
     try:
-        method = type(task).__call__
-        if isinstance(task, StarletteBackgroundTasks):
+        method = cls.__call__
+        if issubclass(cls, StarletteBackgroundTasks):
             if method in own_collection_calls or _is_stock(method, _STOCK_COLLECTION_CALLS):
                 return Kind.NESTED
+            return Kind.OPAQUE
+        if not issubclass(cls, StarletteBackgroundTask):
             return Kind.OPAQUE
         if method in own_task_calls:
             # taskscope's drop-in task: what Starlette's base class does now decides.
             method = StarletteBackgroundTask.__call__
-        if (method in own_task_calls or _is_stock(method, _STOCK_TASK_CALLS)) and _has_call_data(
-            task
-        ):
+        if method in own_task_calls or _is_stock(method, _STOCK_TASK_CALLS):
             return Kind.PLAIN
     except Exception:  # noqa: S110 - a hostile type: awaited through its own __call__
         pass
     return Kind.OPAQUE
-
-
-def _has_call_data(task: object) -> bool:
-    data = getattr(task, "__dict__", None)
-    return (
-        isinstance(data, dict)
-        and callable(data.get("func"))
-        and isinstance(data.get("args"), tuple)
-        and isinstance(data.get("kwargs"), dict)
-        and isinstance(data.get("is_async"), bool)
-    )
 
 
 def is_sync(task: object) -> bool:
@@ -87,20 +97,24 @@ def is_sync(task: object) -> bool:
     return is_async is False
 
 
-def framework_operation(task: object) -> Any:
-    """The context FastAPI's own ``BackgroundTasks`` loop opens around each task.
+def framework_hook() -> Any:
+    """FastAPI's per-task context factory, if FastAPI (>= 0.142) is loaded; else ``None``.
 
-    FastAPI (>= 0.142) wraps each task in ``fastapi.background_task`` span when its
-    telemetry traces the request. taskscope runs inside that same context, so that with
+    FastAPI's own ``BackgroundTasks`` loop opens ``_operation(name="background_task",
+    function=task.func)`` around each task: a ``fastapi.background_task`` span when its
+    telemetry traces the request. taskscope runs each task inside that same context, so with
     FastAPI's telemetry on the task's span is FastAPI's (in the provider FastAPI uses for
-    the app), and with it off nothing changes. ``None`` when FastAPI is not loaded or has
-    no such hook, or the task has no ``func`` (a collection: FastAPI would fail on it).
+    the app), and with it off nothing changes. Looked up once per response.
     """
     module = sys.modules.get("fastapi.background")
-    operation = getattr(module, "_operation", None) if module is not None else None
-    if operation is None:
-        return None
+    return None if module is None else getattr(module, "_operation", None)
+
+
+def framework_operation(hook: Any, task: object) -> Any:
+    """The context ``hook`` opens around ``task``; ``None`` when it would do nothing (no
+    telemetry for this request) or the task has no ``func`` (FastAPI's loop fails on it)."""
     func = getattr(task, "func", None)
     if func is None:
         return None
-    return operation(name="background_task", function=func)
+    context = hook(name="background_task", function=func)
+    return None if isinstance(context, contextlib.nullcontext) else context

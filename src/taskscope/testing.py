@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING, Any
 
 from taskscope._record import BlockRecord, HungRecord, TaskRecord
@@ -176,10 +176,14 @@ def assert_no_blocking(
 
 
 class Guard:
-    """The ``taskscope_guard`` fixture: a fresh Telemetry whose tasks must not block or fail.
+    """The ``taskscope_guard`` fixture: the test's background tasks must not block or fail.
 
-    ``allow_blocking`` / ``allow_failures`` switch a check off for one test; ``captured``
-    holds what was recorded; ``logs`` the log events (a list of dicts).
+    While it is active it sees the tasks of every Telemetry (a module-level app's, the
+    drop-in classes' default, one given to ``instrument_app``) and, through
+    :func:`taskscope.instrument`, the plain Starlette/FastAPI tasks of apps that are not
+    instrumented at all (recorded with :attr:`telemetry`, a fresh one: its own registry and
+    a :class:`ListLogger`). ``allow_blocking`` / ``allow_failures`` switch a check off for
+    one test; ``captured`` holds what was recorded; ``logs`` the events of :attr:`telemetry`.
     """
 
     def __init__(self, **options: Any) -> None:
@@ -194,8 +198,20 @@ class Guard:
         self.telemetry = Telemetry(registry=self.registry, logger=ListLogger(self.logs), **options)
         self.allow_blocking = False
         self.allow_failures = False
-        self.captured = Captured()
-        _attach(runtime_of(self.telemetry), self.captured)
+        self._active = ExitStack()
+        self.captured = self._active.enter_context(capture())
+        runtime_of(self.telemetry)  # created now: captured from the first task on
+
+    def __enter__(self) -> Guard:
+        from taskscope._instrumentor import instrument, is_instrumented, uninstrument
+
+        if not is_instrumented():
+            instrument(self.telemetry)
+            self._active.callback(uninstrument)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._active.close()
 
     def problems(self) -> list[str]:
         lines: list[str] = []
@@ -247,22 +263,31 @@ else:
 
     @pytest.fixture
     def taskscope_guard() -> Iterator[Guard]:
-        """A fresh Telemetry; the test fails if one of its tasks blocked the loop or failed.
+        """The test fails if one of its background tasks blocked the loop or failed.
 
-        Use it with ``BackgroundTasks(telemetry=taskscope_guard.telemetry)`` or
-        ``instrument_app(app, taskscope_guard.telemetry)``.
+        Works with the app as it is (module-level, drop-in classes, ``instrument_app`` or
+        nothing); ``taskscope_guard.telemetry`` is there for tests that want their own.
         """
-        guard = Guard()
-        yield guard
-        _fail_on_problems(guard)  # what ended after the test function (teardown error)
+        with Guard() as guard:
+            yield guard
+            _fail_on_problems(guard)  # what ended after the test function (teardown)
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
-        """Fail the test itself (not its teardown) when its guard saw a block or failure."""
-        result = yield  # a test that raised keeps its own failure
+        """Fail the test itself (not its teardown) when its guard saw a block or failure;
+        a test that raised keeps its own failure, with the guard's findings as a note."""
         guard = getattr(item, "funcargs", {}).get("taskscope_guard")
-        if isinstance(guard, Guard):
-            _fail_on_problems(guard)
+        if not isinstance(guard, Guard):
+            return (yield)
+        try:
+            result = yield
+        except BaseException as exc:
+            problems = guard.problems()
+            guard.captured.clear()  # reported here, once: not again at teardown
+            if problems:
+                exc.add_note("taskscope_guard:\n  " + "\n  ".join(problems))
+            raise
+        _fail_on_problems(guard)
         return result
 
     def _fail_on_problems(guard: Guard) -> None:

@@ -131,14 +131,19 @@ def test_requirements(source: Path, package: str) -> list[str]:
     raise RuntimeError(msg)
 
 
-def environment(versions: dict[str, str]) -> tuple[Path, dict[str, Path]]:
-    """A venv with both frameworks, their test requirements and taskscope (editable)."""
-    key = f"fastapi-{versions['fastapi']}_starlette-{versions['starlette']}"
+def environment(suite: str, versions: dict[str, str]) -> tuple[Path, Path]:
+    """A venv for one suite: the pair of frameworks, the suite's own test requirements
+    (their tool pins may clash with the other suite's) and taskscope (editable)."""
+    key = (
+        f"{suite}-{versions[suite]}_fastapi-{versions['fastapi']}_starlette-{versions['starlette']}"
+    )
     venv = CACHE / f"venv-{key}"
     python = venv / "bin" / "python"
-    if not python.exists():
+    pip = venv / "bin" / "pip"
+    if not pip.exists():  # new, or left half-made by an interrupted run
+        shutil.rmtree(venv, ignore_errors=True)
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        subprocess.run(
+        _quiet(
             [
                 str(python),
                 "-m",
@@ -148,26 +153,20 @@ def environment(versions: dict[str, str]) -> tuple[Path, dict[str, Path]]:
                 "--disable-pip-version-check",
                 "--upgrade",
                 "pip",
-            ],
-            check=True,
+            ]
         )
-    pip = venv / "bin" / "pip"
-    sources = {package: sdist(package, version, pip) for package, version in versions.items()}
+    source = sdist(suite, versions[suite], pip)
     stamp = venv / ".installed"
     if not stamp.exists() or (ROOT / "pyproject.toml").stat().st_mtime > stamp.stat().st_mtime:
-        requirements = [
-            "-e",
-            str(ROOT),
-            f"fastapi[all]=={versions['fastapi']}",
-            f"starlette[full]=={versions['starlette']}",
-            "pytest-xdist",
-        ]
-        for package, source in sources.items():
-            requirements += test_requirements(source, package)
+        frameworks = [f"starlette[full]=={versions['starlette']}"]
+        if suite == "fastapi":
+            frameworks.append(f"fastapi[all]=={versions['fastapi']}")
+        requirements = ["-e", str(ROOT), *frameworks, "pytest-xdist"]
+        requirements += test_requirements(source, suite)
         print(f"peer suites: installing the test requirements of {key}", flush=True)
         _quiet([str(pip), "install", "-q", "--disable-pip-version-check", *requirements])
         stamp.touch()
-    return python, sources
+    return python, source
 
 
 def run_suite(python: Path, source: Path, suite: str, mode: str, workers: int, out: Path) -> Result:
@@ -223,20 +222,18 @@ def main() -> int:
     parser.add_argument("-n", "--workers", type=int, default=2)
     args = parser.parse_args()
     versions = dev_versions() if args.pair == "newest" else dict(OLDEST)
-    python, sources = environment(versions)
     problems: list[str] = []
     rows: list[str] = []
     for suite in args.suite or tuple(MODES):
         version = versions[suite]
+        python, source = environment(suite, versions)
         results = CACHE / "results" / f"{suite}-{version}"
         baseline_file = CACHE / "baselines" / f"{suite}-{version}.json"
         if baseline_file.exists():
             cached = json.loads(baseline_file.read_text())
             baseline = Result(suite, "off", cached["passed"], set(cached["failed"]), {}, 0.0)
         else:
-            baseline = run_suite(
-                python, sources[suite], suite, "off", args.workers, results / "off"
-            )
+            baseline = run_suite(python, source, suite, "off", args.workers, results / "off")
             baseline_file.parent.mkdir(parents=True, exist_ok=True)
             baseline_file.write_text(
                 json.dumps({"passed": baseline.passed, "failed": sorted(baseline.failed)})
@@ -247,7 +244,7 @@ def main() -> int:
             + (f" ({baseline.seconds:.0f} s)" if baseline.seconds else " (cached)")
         )
         for mode in MODES[suite]:
-            result = run_suite(python, sources[suite], suite, mode, args.workers, results / mode)
+            result = run_suite(python, source, suite, mode, args.workers, results / mode)
             new = sorted(result.failed - baseline.failed)
             tasks = int(sum(result.recorded.values()))
             outcomes = ", ".join(f"{k} {int(v)}" for k, v in sorted(result.recorded.items()))
