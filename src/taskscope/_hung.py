@@ -65,10 +65,11 @@ def check(runtime: Runtime) -> int:
         return 0
     entries = runtime.inflight.copy()  # one C call: atomic against the loop thread
     now = telemetry.clock()
+    young = now - hung_after  # started after this: not due (the common case, one compare)
     reported = 0
     for key, entry in entries.items():
         run = entry[2]
-        if run is None:  # accounted for, not started yet
+        if run is None or entry[1] > young:  # not started yet, or not due
             continue
         age = now - entry[1]
         step = run.hung
