@@ -1,10 +1,11 @@
 """Test helpers: see what background tasks recorded; fail tests whose tasks blocked the loop.
 
 ``capture()`` collects the records taskscope produced (every task's :class:`TaskRecord`,
-every blocking step's :class:`BlockRecord`, every hung-task report's :class:`HungRecord`). ``assert_no_blocking()`` raises when a task
-blocked the event loop. As a pytest plugin (``pytest_plugins = ["taskscope.testing"]``),
-the ``taskscope_guard`` fixture gives a fresh :class:`Telemetry` and fails the test when
-one of its background tasks blocked the loop or failed, naming the task and the line.
+every blocking step's :class:`BlockRecord`, every hung-task report's :class:`HungRecord`).
+``assert_no_blocking()`` raises when a task blocked the event loop. As a pytest plugin
+(``pytest_plugins = ["taskscope.testing"]``), the ``taskscope_guard`` fixture gives a fresh
+:class:`Telemetry` and fails the test when one of its background tasks blocked the loop or
+failed, naming the task and the line.
 
 These cover background tasks run through taskscope (its ``BackgroundTasks`` or an
 instrumented app); blocks are the steps longer than the Telemetry's ``block_threshold``.
