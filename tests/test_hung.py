@@ -348,6 +348,43 @@ def test_abandoned_at_exit_keeps_the_mark() -> None:
     assert by_name["app.waiting"].duration == 0.0
 
 
+def test_through_a_fastapi_app() -> None:
+    """FastAPI route, drop-in BackgroundTasks: the hung task is reported while the request's
+    tasks still run, on the task's span; the client gets its answer when it ends."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from taskscope import instrument_app
+
+    clock = FakeClock()
+    obs = observed(clock)
+    flag, release = threading.Event(), threading.Event()
+    app = FastAPI()
+
+    @app.post("/orders")
+    async def order(background_tasks: BackgroundTasks) -> dict[str, str]:
+        background_tasks.add_task(hanging.waits_for_a_flag, release, flag)
+        return {"ok": "yes"}
+
+    instrument_app(app, obs.telemetry)
+    answers: list[int] = []
+    with TestClient(app) as client:
+        thread = threading.Thread(target=lambda: answers.append(client.post("/orders").status_code))
+        thread.start()
+        try:
+            assert flag.wait(5)
+            clock.now += HUNG
+            deadline = time.perf_counter() + 5
+            while not hung(obs) and time.perf_counter() < deadline:
+                time.sleep(0.005)  # the test's thread, not the app's loop
+        finally:
+            release.set()
+            thread.join(5)
+    assert answers == [200]
+    event = assert_reported(obs, hanging.waits_for_a_flag, "hung-flag", sync=False)
+    assert_span_and_record(obs, hanging.waits_for_a_flag, event)
+
+
 def test_back_off_is_bounded() -> None:
     """Reported at the threshold, then at doubling ages, at most MAX_GAP apart."""
     ages = [_hung.due_age(60.0, step) for step in range(8)]

@@ -13,6 +13,7 @@ from typing import Any
 
 import anyio
 import anyio.lowlevel
+import anyio.to_thread
 
 
 async def awaits_future(future: asyncio.Future[None], entered: threading.Event) -> None:
@@ -86,3 +87,8 @@ async def fails_after(release: anyio.Event, entered: threading.Event) -> None:
 async def awaits_a_task(release: anyio.Event, entered: threading.Event, factory: Any) -> None:
     child = factory(_child_waits(release, entered))
     await child  # BLOCK: hung-awaits-task
+
+
+async def waits_for_a_flag(flag: threading.Event, entered: threading.Event) -> None:
+    entered.set()
+    await anyio.to_thread.run_sync(flag.wait)  # BLOCK: hung-flag
