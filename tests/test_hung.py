@@ -568,3 +568,31 @@ def test_oldest_running_gauge_multiprocess_values() -> None:
     source.ages = {}
     metrics.refresh_oldest()
     assert value("taskscope_task_oldest_running_seconds", {"task": "a"}) == 0.0
+
+
+async def test_oldest_running_gauge_written_by_the_scan_in_multiprocess_mode(
+    anyio_backend: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    """prometheus_client's objects (multiprocess mode): the watchdog's scan writes the gauge."""
+    from taskscope._signals.prometheus import PrometheusMetrics
+
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    clock = FakeClock()
+    obs = observed(clock, hung_after=2.0)  # not reached: the gauge alone
+    assert isinstance(runtime_of(obs.telemetry).prometheus, PrometheusMetrics)
+    name = name_of(hanging.awaits_event)
+    flag = threading.Event()
+    release = anyio.Event()
+    async with anyio.create_task_group() as group:
+        group.start_soon(run, obs, hanging.awaits_event, release, flag)
+        await entered(flag)
+        clock.now += 1.5
+        await two_scans()
+        assert obs.value("taskscope_task_oldest_running_seconds", task=name) == 1.5
+        release.set()
+    await two_scans()
+    assert (
+        obs.registry.get_sample_value("taskscope_task_oldest_running_seconds", {"task": name})
+        == 0.0
+    )
+    assert hung(obs) == []
