@@ -596,3 +596,40 @@ async def test_oldest_running_gauge_written_by_the_scan_in_multiprocess_mode(
         == 0.0
     )
     assert hung(obs) == []
+
+
+async def test_a_failing_clock_costs_neither_the_scrape_nor_the_task(anyio_backend: Any) -> None:
+    """The gauge and the check read the Telemetry's clock off the hot path: if it raises,
+    the scrape still renders and the error is counted, not raised."""
+    clock = FakeClock()
+    broken = threading.Event()
+
+    def flaky() -> float:
+        if broken.is_set():
+            raise RuntimeError("clock")
+        return clock()
+
+    obs = observed(flaky)
+    flag = threading.Event()
+    release = anyio.Event()
+    async with anyio.create_task_group() as group:
+        group.start_soon(run, obs, hanging.awaits_event, release, flag)
+        await entered(flag)
+        broken.set()
+        await two_scans()
+        obs.registry.collect()  # renders; the gauge is 0 (unknown age)
+        assert (
+            obs.value("taskscope_task_oldest_running_seconds", task=name_of(hanging.awaits_event))
+            == 0.0
+        )
+        assert obs.metric_reader.get_metrics_data() is not None
+        broken.clear()
+        release.set()
+    errors = {
+        signal: obs.value("taskscope_instrumentation_errors_total", signal=signal)
+        for signal in ("prometheus", "otel_metrics", "loop_probe")
+    }
+    assert errors["loop_probe"] >= 1, errors  # the watchdog's check
+    assert errors["otel_metrics"] >= 1, errors  # the observable gauge's callback
+    assert runtime_of(obs.telemetry).absorbed_errors >= 3
+    assert obs.outcomes() == {(name_of(hanging.awaits_event), "success"): 1.0}

@@ -108,9 +108,13 @@ class Runtime:
         logger = t.logger if t.logger is not None else structlog.get_logger("taskscope")
         self.logs = LogEvents(logger)
         self._sinks.append(("logging", self.logs))
-        for sink in (self.prometheus, self.otel_metrics):  # the oldest-running gauge
-            if sink is not None:
-                sink.watch(self)
+        for signal, sink in self._sinks:  # the oldest-running gauge reads our tasks in flight
+            watch = getattr(sink, "watch", None)
+            if watch is not None:
+                try:
+                    watch(self)
+                except Exception:
+                    self.absorb(signal)
         # The sinks that count (all but logging), for the per-task hot path.
         self._metric_sinks = [(s, sink) for s, sink in self._sinks if s != "logging"]
 

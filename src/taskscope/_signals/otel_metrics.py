@@ -102,7 +102,12 @@ class OtelMetrics:
     def _observe_oldest(self, options: CallbackOptions) -> Iterable[Observation]:
         ages: dict[str, float] = {}
         for runtime in list(self._sources):
-            for name, age in runtime.oldest_running().items():
+            try:
+                found = runtime.oldest_running()
+            except Exception:  # a failing clock must not fail the collection
+                runtime.absorb("otel_metrics")
+                continue
+            for name, age in found.items():
                 ages[name] = max(age, ages.get(name, 0.0))
         self._seen.update(ages)
         return [Observation(ages.get(name, 0.0), {"task": name}) for name in sorted(self._seen)]

@@ -176,7 +176,12 @@ class FastMetrics:
     def collect(self) -> Iterator[Metric]:
         ages: dict[Key, float] = {}
         for runtime in list(self._sources):  # outside the lock: the tasks' clocks
-            for name, age in runtime.oldest_running().items():
+            try:
+                found = runtime.oldest_running()
+            except Exception:  # a failing clock must not fail the scrape
+                runtime.absorb("prometheus")
+                continue
+            for name, age in found.items():
                 ages[(name,)] = max(age, ages.get((name,), 0.0))
         with self._lock:  # a consistent snapshot; rendering happens outside the lock
             # Every name that ever ran: 0 when none runs now (an alert's series persists).
