@@ -77,6 +77,7 @@ class HungRecord:
     sync: bool
     """A sync task (its worker thread's stack), else an async one (its await chain)."""
     report: int
-    """1 for the first report of this task, 2 for the next (back-off), and so on."""
+    """The back-off step this report is for: 1 at ``hung_after``, 2 at the next due age, and
+    so on (a check that comes late reports once, for the latest step passed)."""
     trace_id: str | None = None
     span_id: str | None = None
