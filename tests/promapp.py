@@ -73,6 +73,47 @@ async def blocks_the_loop() -> None:
     time.sleep(BLOCK_SECONDS)  # the point: a loop block to detect
 
 
+# The first-occurrence workload: /first/warmup runs these tasks cleanly (taskscope sees
+# their names, the alerting counters start at 0); /first/trigger then makes each one
+# fail, be skipped, block the loop or misuse a coroutine for the first time.
+async def first_flaky(*, fail: bool) -> None:
+    await asyncio.sleep(0)
+    if fail:
+        raise ValueError("first failure")
+
+
+async def first_skippable() -> None:
+    await asyncio.sleep(0)
+
+
+async def first_blocker(*, block: bool) -> None:
+    await asyncio.sleep(0)
+    if block:
+        time.sleep(BLOCK_SECONDS)
+
+
+def first_misuser(*, misuse: bool) -> Coroutine[Any, Any, None] | None:
+    return _never_awaited() if misuse else None
+
+
+async def first_warmup(request: Request) -> PlainTextResponse:
+    tasks = BackgroundTasks(telemetry=request.app.state.telemetry)
+    tasks.add_task(first_blocker, block=False)
+    tasks.add_task(first_misuser, misuse=False)
+    tasks.add_task(first_flaky, fail=False)
+    tasks.add_task(first_skippable)
+    return PlainTextResponse("ok", background=tasks)
+
+
+async def first_trigger(request: Request) -> PlainTextResponse:
+    tasks = BackgroundTasks(telemetry=request.app.state.telemetry)
+    tasks.add_task(first_blocker, block=True)
+    tasks.add_task(first_misuser, misuse=True)
+    tasks.add_task(first_flaky, fail=True)
+    tasks.add_task(first_skippable)  # skipped: the task before it failed
+    return PlainTextResponse("ok", background=tasks)
+
+
 def build_app(telemetry: Telemetry, metrics_app: Any) -> Starlette:
     """The app: one endpoint per workload shape, plus ``/metrics`` (taskscope's exposition)."""
 
@@ -90,16 +131,20 @@ def build_app(telemetry: Telemetry, metrics_app: Any) -> Starlette:
         await start_loop_probe(telemetry)  # lag samples from the start, not the first task
         yield
 
-    return Starlette(
+    app = Starlette(
         routes=[
             Route("/ok", endpoint(async_ok, sync_ok, sync_returning_coroutine)),
             Route("/fail/value", endpoint(async_fails, after_failure)),
             Route("/fail/key", endpoint(sync_fails, after_failure)),
             Route("/block", endpoint(blocks_the_loop)),
+            Route("/first/warmup", first_warmup),
+            Route("/first/trigger", first_trigger),
             Route("/metrics", metrics_app),
         ],
         lifespan=lifespan,
     )
+    app.state.telemetry = telemetry
+    return app
 
 
 def main() -> None:

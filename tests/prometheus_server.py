@@ -18,7 +18,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -129,7 +129,7 @@ def finite_values(result: Sequence[dict[str, Any]]) -> list[float]:
     return values
 
 
-def _config(targets: Sequence[str], rule_files: Sequence[Path]) -> str:
+def _config(targets: Sequence[str], rule_files: Sequence[Path], labels: Mapping[str, str]) -> str:
     rules = "".join(f"\n  - {json.dumps(str(path))}" for path in rule_files)
     return f"""\
 global:
@@ -142,6 +142,7 @@ scrape_configs:
     metrics_path: /metrics
     static_configs:
       - targets: {json.dumps(list(targets))}
+        labels: {json.dumps(dict(labels))}
 """
 
 
@@ -181,12 +182,15 @@ def running_prometheus(
     targets: Sequence[str],
     rule_files: Sequence[Path] = (),
     *,
+    labels: Mapping[str, str] | None = None,
     startup_timeout: float = 20.0,
 ) -> Iterator[PrometheusServer]:
-    """A Prometheus process scraping ``targets`` (host:port, /metrics) every second."""
+    """A Prometheus process scraping ``targets`` (host:port, /metrics) every second;
+    ``labels`` are added to every target (as Kubernetes service discovery adds
+    ``namespace``)."""
     binary = prometheus_binary()
     config = workdir / "prometheus.yml"
-    config.write_text(_config(targets, rule_files))
+    config.write_text(_config(targets, rule_files, labels or {}))
     (workdir / "data").mkdir()
     log_path = workdir / "prometheus.log"
     process, port = _start(binary, config, workdir / "data", log_path)

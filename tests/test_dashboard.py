@@ -107,20 +107,116 @@ def test_identity_and_schema(dashboard: dict[str, Any]) -> None:
 
 
 def test_template_variables(dashboard: dict[str, Any]) -> None:
-    """datasource (prometheus), then job, instance and task from taskscope_tasks_total."""
+    """datasource (prometheus), then cluster, namespace, job, instance and task from
+    taskscope_tasks_total, each narrowed by the ones before it."""
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
-    assert list(variables)[:4] == ["datasource", "job", "instance", "task"]
+    order = ["datasource", "cluster", "namespace", "job", "instance", "task"]
+    assert list(variables)[: len(order)] == order
     source = variables["datasource"]
     assert (source["type"], source["query"]) == ("datasource", "prometheus")
-    for name in ("job", "instance", "task"):
+    for index, name in enumerate(order[1:], start=1):
         variable = variables[name]
         assert variable["type"] == "query"
         assert variable["datasource"]["uid"] == "${datasource}"
         assert variable["includeAll"] is True
-        assert variable["allValue"] == ".*"
         query = variable["query"]["query"]
         assert query.startswith("label_values(taskscope_tasks_total")
         assert query.endswith(f", {name})")
+        for before in order[1:index]:
+            assert f'{before}=~"${before}"' in query, name
+    # kube-prometheus-stack adds cluster/namespace; plain Prometheus does not, and ".+"
+    # would then match nothing: those two match absent labels with ".*".
+    assert variables["cluster"]["allValue"] == variables["namespace"]["allValue"] == ".*"
+
+
+# grafana/dashboard-linter's rule set (lint/rules.go), applied here in Python.
+LINTER_UNITS = {"none", "short", "percent", "percentunit", "ops", "reqps", "s", "ms", "bytes"}
+
+
+def test_dashboard_linter_rules(dashboard: dict[str, Any]) -> None:
+    """uneditable-dashboard, template-datasource, template-job/instance (query from
+    $datasource, title-cased label, multi, allValue ".+"), on-time-range reload,
+    panel title/description/units, target rate-interval and counter-aggregation rules."""
+    assert dashboard["editable"] is False
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["label"] == "Data source"
+    for name in ("job", "instance", "task"):
+        variable = variables[name]
+        assert variable["datasource"]["uid"] in ("$datasource", "${datasource}"), name
+        assert variable["label"] == name.title(), name
+        assert variable["multi"] is True, name
+        assert variable["allValue"] == ".+", name
+    for variable in variables.values():
+        if variable["type"] == "query":
+            assert variable["refresh"] == 2, variable["name"]  # on time range change
+    for panel in all_panels(dashboard["panels"]):
+        if panel["type"] == "row":
+            continue
+        assert panel["title"], panel["id"]
+        assert panel.get("description"), panel["title"]
+        if panel["type"] in ("stat", "table", "timeseries", "gauge"):
+            assert panel["fieldConfig"]["defaults"].get("unit") in LINTER_UNITS, panel["title"]
+        for target in panel["targets"]:
+            expr = target["expr"]
+            for function, window in re.findall(r"\b(i?rate|increase)\([^\[]*\[([^\]]+)\]", expr):
+                if function != "increase":
+                    assert window == "$__rate_interval", expr
+            for counter in re.findall(r"taskscope_[a-z0-9_]+_total\{[^}]*\}(\[)?", expr):
+                assert counter == "[", f"counter without rate/increase in {expr}"
+
+
+def test_heatmaps_use_rates_and_ask_for_the_exemplars_they_colour(
+    dashboard: dict[str, Any],
+) -> None:
+    """Heatmaps plot rate() of buckets (increase() over $__rate_interval changes with the
+    zoom); a heatmap that colours exemplars requests them, and only where they exist."""
+    heatmaps = [p for p in all_panels(dashboard["panels"]) if p["type"] == "heatmap"]
+    assert heatmaps
+    for panel in heatmaps:
+        (target,) = panel["targets"]
+        assert "increase(" not in target["expr"], panel["title"]
+        assert re.search(r"\brate\(taskscope_[a-z_]+_bucket\{", target["expr"]), panel["title"]
+        coloured = "exemplars" in panel["options"]
+        assert target["exemplar"] is coloured, panel["title"]
+        if coloured:
+            assert "taskscope_task_duration_seconds_bucket" in target["expr"], panel["title"]
+
+
+def test_loop_busy_is_a_share_of_one_loop(dashboard: dict[str, Any]) -> None:
+    """Busy seconds per second summed over instances would pass 100 %: the panel divides
+    by the number of instances."""
+    (panel,) = [p for p in all_panels(dashboard["panels"]) if "Loop busy" in p["title"]]
+    (target,) = panel["targets"]
+    assert panel["fieldConfig"]["defaults"]["unit"] == "percentunit"
+    assert "/ scalar(count(count by (cluster, namespace, job, instance)" in target["expr"]
+
+
+def test_task_panels_drill_down_to_one_task(dashboard: dict[str, Any]) -> None:
+    """Panels with a series (or row) per task link to this dashboard filtered to that task,
+    keeping the time range and the other variables."""
+    linked = 0
+    for panel in all_panels(dashboard["panels"]):
+        if not any(
+            "{{task}}" in t.get("legendFormat", "")
+            or (panel["type"] == "table" and "by (task" in t["expr"])
+            for t in panel.get("targets", [])
+        ):
+            continue
+        links = panel["fieldConfig"]["defaults"].get("links", []) + [
+            link
+            for override in panel["fieldConfig"]["overrides"]
+            for prop in override["properties"]
+            if prop["id"] == "links"
+            for link in prop["value"]
+        ]
+        assert links, panel["title"]
+        for link in links:
+            assert link["url"].startswith(f"/d/{dashboard['uid']}/"), panel["title"]
+            assert "${__url_time_range}" in link["url"]
+            assert "${job:queryparam}" in link["url"]
+            assert re.search(r"var-task=\$\{__(field\.labels|data\.fields)\.task\}", link["url"])
+        linked += 1
+    assert linked >= 10
 
 
 def test_every_panel_and_target_uses_the_datasource_variable(dashboard: dict[str, Any]) -> None:
@@ -181,6 +277,8 @@ def test_targets_are_filtered_by_the_variables(dashboard: dict[str, Any]) -> Non
         assert names, expr
         assert len(selector.findall(expr)) == len(METRIC.findall(expr)), expr
         for name, labels in selector.findall(expr):
+            assert 'cluster=~"$cluster"' in labels, expr
+            assert 'namespace=~"$namespace"' in labels, expr
             assert 'job=~"$job"' in labels, expr
             assert 'instance=~"$instance"' in labels, expr
             if family(name) not in NO_TASK_LABEL:

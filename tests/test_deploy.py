@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import json
 import os
 import re
 import shutil
 import subprocess
+import sys
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
+import jsonschema
+import kubernetes_validate
 import pytest
 import yaml
 
@@ -162,7 +167,10 @@ def test_app_port_and_metrics_path_agree_everywhere(compose: dict[str, Any]) -> 
     assert container["args"][container["args"].index("--port") + 1] == str(APP_PORT)
     assert container["readinessProbe"]["httpGet"]["path"] == METRICS_PATH
     service = k8s("Service")
-    assert service["metadata"]["annotations"] == annotations
+    # Annotating the Service too would make the usual configs scrape every pod twice.
+    assert not any(
+        key.startswith("prometheus.io/") for key in service["metadata"].get("annotations", {})
+    )
     assert service["spec"]["ports"][0]["port"] == APP_PORT
     assert service["spec"]["ports"][0]["name"] == "http"
 
@@ -298,3 +306,193 @@ def test_alert_unit_tests_cover_every_alert() -> None:
     }
     assert tested == alerts
     assert silent == alerts
+
+
+def github_anchor(heading: str) -> str:
+    """The anchor GitHub gives a Markdown heading (lower case, punctuation dropped)."""
+    slug = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return slug.replace(" ", "-")
+
+
+# Alerts on one event fire at once; trends (rates, ratios, percentiles) need `for:`.
+ONE_EVENT_ALERTS = {
+    "TaskscopeTasksSkipped",
+    "TaskscopeTasksAbandoned",
+    "TaskscopeEventLoopBlocked",
+    "TaskscopeTaskMisuse",
+    "TaskscopeInstrumentationErrors",
+    "TaskscopeOtlpSpansDropped",
+}
+
+
+def test_every_alert_carries_the_on_call_contract() -> None:
+    """Severity, summary, description, a runbook_url to an existing docs/runbook.md section,
+    a dashboard_url to this dashboard's uid and variables, and `for:` on every alert that is
+    not about one event; no alert pages (critical) out of the box."""
+    dashboard = json.loads((ROOT / "dashboards" / "taskscope.json").read_text())
+    variables = {v["name"] for v in dashboard["templating"]["list"]}
+    runbook = (ROOT / "docs" / "runbook.md").read_text()
+    anchors = {github_anchor(h) for h in re.findall(r"^## (.+)$", runbook, re.MULTILINE)}
+    rules = [r for g in load(PROMETHEUS / "alerts.yml")["groups"] for r in g["rules"]]
+    for rule in rules:
+        name = rule["alert"]
+        assert rule["labels"]["severity"] in {"warning", "info"}, name
+        annotations = rule["annotations"]
+        assert {"summary", "description", "runbook_url", "dashboard_url"} <= set(annotations)
+        page, _, anchor = annotations["runbook_url"].partition("#")
+        assert page.endswith("/docs/runbook.md"), name
+        assert anchor == name.lower(), name
+        assert anchor in anchors, name
+        url = urllib.parse.urlsplit(annotations["dashboard_url"])
+        assert url.path.startswith(f"/d/{dashboard['uid']}/"), name
+        params = urllib.parse.parse_qs(url.query)
+        assert params, name
+        assert {key.removeprefix("var-") for key in params} <= variables, name
+        assert ("for" in rule) == (name not in ONE_EVENT_ALERTS), name
+
+
+def test_alert_aggregations_keep_namespace_and_cluster() -> None:
+    """Every `sum by`/`max by` groups by namespace and cluster too (kube-prometheus-stack
+    groups alerts by namespace; two namespaces' tasks must not add up)."""
+    for group in load(PROMETHEUS / "alerts.yml")["groups"]:
+        for rule in group["rules"]:
+            clauses = re.findall(r"\b(?:sum|max|min|avg|count) by \(([^)]*)\)", rule["expr"])
+            assert clauses, rule["alert"]
+            for clause in clauses:
+                labels = {label.strip() for label in clause.split(",")}
+                assert {"namespace", "cluster", "job"} <= labels, (rule["alert"], clause)
+
+
+def test_ratio_alerts_have_a_minimum_traffic_guard() -> None:
+    """A ratio or percentile of a handful of tasks is noise: those rules demand 10 tasks."""
+    for group in load(PROMETHEUS / "alerts.yml")["groups"]:
+        for rule in group["rules"]:
+            expr = rule["expr"]
+            per_task_ratio = "/" in expr or "histogram_quantile" in expr
+            if per_task_ratio and "event_loop_lag" not in expr:  # the heartbeat never stops
+                assert re.search(r"increase\([^)]*(_count|_total)\[5m\]\)\) >= 10", expr), rule[
+                    "alert"
+                ]
+
+
+# -- Kubernetes and compose against the schemas their tools use ---------------------------
+
+CRD_SCHEMAS = ROOT / "tests" / "schemas" / "prometheus-operator"
+KUBERNETES_VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
+
+
+def kubernetes_documents() -> list[dict[str, Any]]:
+    return [doc for path in sorted(KUBERNETES.glob("*.yaml")) for doc in load_all(path)]
+
+
+def closed(schema: dict[str, Any]) -> dict[str, Any]:
+    """The CRD schema as ``kubectl --validate=strict`` applies it: an object with declared
+    properties and no ``additionalProperties`` / preserve-unknown-fields rejects others."""
+    result = dict(schema)
+    if "properties" in result:
+        result["properties"] = {k: closed(v) for k, v in result["properties"].items()}
+        if "additionalProperties" not in result and not result.get(
+            "x-kubernetes-preserve-unknown-fields"
+        ):
+            result["additionalProperties"] = False
+    if isinstance(result.get("additionalProperties"), dict):
+        result["additionalProperties"] = closed(result["additionalProperties"])
+    if isinstance(result.get("items"), dict):
+        result["items"] = closed(result["items"])
+    for key in ("allOf", "anyOf", "oneOf"):
+        if key in result:
+            result[key] = [closed(item) for item in result[key]]
+    return result
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_kubernetes_manifests_match_the_kubernetes_schemas(version: str) -> None:
+    """Deployment and Service validate (strictly: unknown fields are errors) against the
+    Kubernetes JSON schemas of the oldest and newest version we check."""
+    core = [
+        doc for doc in kubernetes_documents() if "monitoring.coreos.com" not in doc["apiVersion"]
+    ]
+    assert {doc["kind"] for doc in core} == {"Deployment", "Service"}
+    for doc in core:
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+@pytest.mark.parametrize("kind", ["PodMonitor", "ServiceMonitor", "PrometheusRule"])
+def test_operator_resources_match_the_vendored_crd_schemas(kind: str) -> None:
+    """PodMonitor, ServiceMonitor and PrometheusRule validate against prometheus-operator's
+    own CRD schemas (vendored, unknown fields rejected)."""
+    schema = json.loads((CRD_SCHEMAS / f"{kind.lower()}-monitoring-v1.json").read_text())
+    assert schema["x-kubernetes-group-version-kind"]["kind"] == kind
+    doc = k8s(kind)
+    assert doc["apiVersion"] == "monitoring.coreos.com/v1"
+    body = {key: value for key, value in doc.items() if key != "metadata"}
+    jsonschema.Draft7Validator(closed(schema)).validate(body)  # Go regexes: no check_schema
+
+
+def test_schema_validation_catches_a_typo() -> None:
+    """The validations above can fail: a misspelt field is refused by each of them."""
+    deployment = json.loads(json.dumps(k8s("Deployment")))
+    deployment["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, KUBERNETES_VERSIONS[-1], strict=True)
+    monitor = k8s("PodMonitor")
+    body = {
+        "apiVersion": monitor["apiVersion"],
+        "kind": "PodMonitor",
+        "spec": {"podMetricEndpoints": []},
+    }
+    schema = json.loads((CRD_SCHEMAS / "podmonitor-monitoring-v1.json").read_text())
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.Draft7Validator(closed(schema)).validate(body)  # Go regexes: no check_schema
+
+
+def test_pod_security_restricted() -> None:
+    """The Deployment meets Pod Security "restricted": numeric non-root user equal to the
+    image's USER, no privilege escalation, capabilities dropped, RuntimeDefault seccomp."""
+    pod = k8s("Deployment")["spec"]["template"]["spec"]
+    user = re.search(r"^USER (\d+):(\d+)$", (DEPLOY / "Dockerfile").read_text(), re.MULTILINE)
+    assert user, "the Dockerfile's USER must be numeric (uid:gid) for runAsNonRoot"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == int(user.group(1)) != 0
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    for container in pod["containers"]:
+        context = container["securityContext"]
+        assert context["allowPrivilegeEscalation"] is False
+        assert context["capabilities"]["drop"] == ["ALL"]
+        assert "add" not in context["capabilities"]
+        assert context["runAsNonRoot"] is True
+        assert context["seccompProfile"] == {"type": "RuntimeDefault"}
+
+
+def test_compose_file_matches_the_compose_spec() -> None:
+    """docker-compose.yml validates against the compose-spec schema (check-jsonschema's
+    vendored copy, the one Docker Compose follows)."""
+    tool = Path(sys.executable).parent / "check-jsonschema"
+    result = subprocess.run(
+        [str(tool), "--builtin-schema", "vendor.compose-spec", str(DEPLOY / "docker-compose.yml")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_collector_limits_memory_first() -> None:
+    """Every collector pipeline starts with memory_limiter, below the container's limit."""
+    collector = load(DEPLOY / "otel-collector" / "config.yaml")
+    limiter = collector["processors"]["memory_limiter"]
+    for pipeline in collector["service"]["pipelines"].values():
+        assert pipeline["processors"][0] == "memory_limiter"
+    compose = load(DEPLOY / "docker-compose.yml")
+    limit = compose["services"]["otel-collector"]["mem_limit"]
+    assert limit.endswith("m")
+    assert limiter["limit_mib"] < int(limit.removesuffix("m"))
+
+
+def test_tempo_service_map_only_with_a_metrics_generator() -> None:
+    """Grafana's service map reads Tempo's metrics generator: declared only if it runs."""
+    tempo = load(DEPLOY / "tempo" / "tempo.yaml")
+    sources = load(DEPLOY / "grafana/provisioning/datasources/datasources.yml")["datasources"]
+    (tempo_source,) = [s for s in sources if s["type"] == "tempo"]
+    assert ("serviceMap" in tempo_source["jsonData"]) == ("metrics_generator" in tempo)

@@ -386,3 +386,18 @@ async def test_task_added_by_a_running_task_runs_and_is_counted(observed: Observ
     await tasks()
     assert ran == ["first", "second"]
     assert sum(observed.outcomes().values()) == 2
+
+
+async def test_log_events_without_a_span_carry_no_empty_ids() -> None:
+    """span_mode="off": the events have no trace_id/span_id fields at all (not None)."""
+    observed = make_observed(span_mode="off")
+    tasks = BackgroundTasks(telemetry=observed.telemetry)
+    tasks.add_task(fails)
+    tasks.add_task(ok)
+    with pytest.raises(ValueError, match="bad value"):
+        await tasks()
+    events = observed.logs.events
+    assert [e["event"] for e in events] == ["task.failed", "task.skipped"]
+    for event in events:
+        assert "trace_id" not in event, event
+        assert "span_id" not in event, event

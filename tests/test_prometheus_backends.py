@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
@@ -88,3 +93,61 @@ def test_taken_names_are_refused() -> None:
     PrometheusMetrics(registry)
     with pytest.raises(ValueError, match="Duplicated timeseries"):
         FastMetrics(registry)
+
+
+@pytest.mark.parametrize("implementation", [PrometheusMetrics, FastMetrics])
+def test_alerting_series_start_at_zero_for_a_new_task_name(implementation: type) -> None:
+    """The first sight of a task name creates the counters the alert rules read at 0, so
+    the first skip, failure, loop block or misuse is an increase (not a series born at 1)."""
+    registry = CollectorRegistry()
+    metrics = implementation(registry)
+    metrics.task_started("app.send")
+    value = registry.get_sample_value
+    for outcome in ("success", "failure", "cancelled", "skipped", "abandoned"):
+        assert value("taskscope_tasks_total", {"task": "app.send", "outcome": outcome}) == 0.0
+    assert value("taskscope_task_loop_blocks_total", {"task": "app.send"}) == 0.0
+    for kind in ("coroutine_not_awaited", "too_many_tasks"):
+        assert value("taskscope_task_warnings_total", {"task": "app.send", "kind": kind}) == 0.0
+    # A name first seen through a skip, a warning or a block gets the same zeros.
+    metrics.record(TaskRecord("app.log", "skipped", True, 0.0, None))
+    assert value("taskscope_tasks_total", {"task": "app.log", "outcome": "skipped"}) == 1.0
+    assert value("taskscope_tasks_total", {"task": "app.log", "outcome": "failure"}) == 0.0
+    metrics.warning("app.misused", "coroutine_not_awaited")
+    assert value("taskscope_tasks_total", {"task": "app.misused", "outcome": "skipped"}) == 0.0
+    metrics.block_detected(dataclasses.replace(BLOCK, task="app.blocker"))
+    assert value("taskscope_task_loop_blocks_total", {"task": "app.blocker"}) == 1.0
+    assert value("taskscope_tasks_total", {"task": "app.blocker", "outcome": "failure"}) == 0.0
+    # Histograms are not pre-created: an empty one would make histogram_quantile NaN.
+    assert (
+        value("taskscope_task_duration_seconds_count", {"task": "app.send", "outcome": "success"})
+        is None
+    )
+
+
+MULTIPROCESS_ZEROS = """
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+from taskscope._signals.prometheus import metrics_for
+
+metrics_for(CollectorRegistry()).task_started("app.send")  # this "worker" sees the name
+merged = CollectorRegistry()  # what any worker's /metrics serves
+MultiProcessCollector(merged)
+print(generate_latest(merged).decode())
+"""
+
+
+def test_multiprocess_files_carry_the_zero_series(tmp_path: Path) -> None:
+    """Under PROMETHEUS_MULTIPROC_DIR the zeros are written to the shared files, so every
+    worker's /metrics exports them (also after the worker that saw the name exited)."""
+    result = subprocess.run(
+        [sys.executable, "-W", "error", "-c", MULTIPROCESS_ZEROS],
+        env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    for outcome in ("success", "failure", "cancelled", "skipped", "abandoned"):
+        assert f'taskscope_tasks_total{{outcome="{outcome}",task="app.send"}} 0.0' in result.stdout
+    assert 'taskscope_task_loop_blocks_total{task="app.send"} 0.0' in result.stdout

@@ -44,3 +44,33 @@ def test_readme_snippet_runs(index: int, tmp_path: Path) -> None:
     )
     assert result.returncode == 0, f"snippet {index}:\n{source}\n{result.stderr}"
     assert result.stdout.strip().endswith("ok")
+
+
+WHOLE_APP_CHECK = """
+from starlette.testclient import TestClient
+
+with TestClient(app) as client:
+    assert client.post("/signup", params={"address": "a@example.com"}).json() == {"status": "ok"}
+    body = client.get("/metrics").text
+expected = 'taskscope_tasks_total{outcome="success",task="readme_snippet.send_welcome"} 1.0'
+assert expected in body, body
+assert 'taskscope_task_wait_seconds_count{task="readme_snippet.send_welcome"} 1.0' in body, body
+"""
+
+
+def test_the_whole_app_serves_its_task_metrics(tmp_path: Path) -> None:
+    """The README's first snippet (the whole app) records its task and serves it on
+    /metrics, as the text after it says."""
+    source = next(s for s in snippets(ROOT / "README.md") if "MetricsApp()" in s)
+    assert snippets(ROOT / "README.md").index(source) == 0  # shown first
+    script = tmp_path / "snippet.py"
+    script.write_text(source + WHOLE_APP_CHECK)
+    result = subprocess.run(
+        [sys.executable, "-W", "error", "-c", RUNNER, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr

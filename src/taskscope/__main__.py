@@ -9,11 +9,13 @@ from collections.abc import Sequence
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from taskscope import __version__
     from taskscope.demo.cli import add_arguments
 
     parser = argparse.ArgumentParser(
         prog="taskscope", description="Observable background tasks for Starlette and FastAPI."
     )
+    parser.add_argument("--version", action="version", version=f"taskscope {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo = commands.add_parser(
         "demo",

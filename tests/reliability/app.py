@@ -228,6 +228,8 @@ def snapshot(*, final: bool = False) -> dict[str, Any]:
         series += len(metric.samples)
         for sample in metric.samples:
             if sample.name == "taskscope_tasks_total":
+                if not sample.value:  # the zeros created for the alert rules
+                    continue
                 outcomes[sample.labels["outcome"]] += int(sample.value)
                 key = f"{sample.labels['task']}|{sample.labels['outcome']}"
                 by_task[key] = sample.value

@@ -26,7 +26,7 @@ def _final() -> None:  # registered before taskscope's hook: runs after it (LIFO
     counts: dict[str, float] = {}
     for metric in registry.collect():
         for sample in metric.samples:
-            if sample.name == "taskscope_tasks_total":
+            if sample.name == "taskscope_tasks_total" and sample.value:  # not the zeros
                 key = sample.labels["outcome"]
                 counts[key] = counts.get(key, 0) + sample.value
     print("FINAL " + json.dumps(counts), flush=True)

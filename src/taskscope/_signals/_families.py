@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, get_args
 
+from taskscope._record import Outcome
 from taskscope._signals._buckets import BLOCK_SECONDS, LAG_SECONDS, TASK_SECONDS
+
+OUTCOMES: tuple[str, ...] = get_args(Outcome)
+"""Every outcome of ``taskscope_tasks_total``."""
+WARNING_KINDS = ("coroutine_not_awaited", "too_many_tasks")
+"""Every ``kind`` of ``taskscope_task_warnings_total``."""
 
 
 class FamilySpec(NamedTuple):
@@ -87,3 +93,18 @@ FAMILIES = (
         ("signal",),
     ),
 )  # fmt: skip
+
+
+def zero_series(name: str) -> list[tuple[str, tuple[str, ...]]]:
+    """(family attribute, label values) of the counter series the alert rules read, which
+    are created at 0 when a task name is first seen.
+
+    A series that appears with the value 1 has no increase for ``rate()``/``increase()``
+    to see: without these zeros the first skip, loop block or misuse of a task (and the
+    first failure, for the failure-ratio alert) would never fire an alert.
+    """
+    return [
+        *(("tasks", (name, outcome)) for outcome in OUTCOMES),
+        ("loop_blocks", (name,)),
+        *(("warnings", (name, kind)) for kind in WARNING_KINDS),
+    ]

@@ -7,6 +7,16 @@ from typing import Any
 from taskscope._record import BlockRecord, HungRecord, TaskRecord
 
 
+def _ids(trace_id: str | None, span_id: str | None) -> dict[str, str]:
+    """The trace and span ids that exist: no ``trace_id=None`` on events without a span."""
+    ids = {}
+    if trace_id:
+        ids["trace_id"] = trace_id
+    if span_id:
+        ids["span_id"] = span_id
+    return ids
+
+
 class LogEvents:
     def __init__(self, logger: Any) -> None:
         self._logger = logger
@@ -20,9 +30,8 @@ class LogEvents:
                 error_type=record.error_type,
                 error=record.error_message,
                 sync=record.sync,
-                trace_id=record.trace_id,
-                span_id=record.span_id,
                 hung_reported=record.hung_reported,
+                **_ids(record.trace_id, record.span_id),
             )
         elif record.hung_reported:
             # The end of a task that was reported as hung (``task.hung``).
@@ -32,24 +41,21 @@ class LogEvents:
                 outcome=record.outcome,
                 duration_s=round(record.duration, 6),
                 hung_reported=True,
-                trace_id=record.trace_id,
-                span_id=record.span_id,
+                **_ids(record.trace_id, record.span_id),
             )
         elif record.outcome == "skipped":
             self._logger.warning(
                 "task.skipped",
                 task=record.name,
                 reason=record.reason or "an earlier task of the same response failed",
-                trace_id=record.trace_id,
-                span_id=record.span_id,
+                **_ids(record.trace_id, record.span_id),
             )
         elif record.outcome == "abandoned":
             self._logger.warning(
                 "task.abandoned",
                 task=record.name,
                 duration_s=round(record.duration, 6),
-                trace_id=record.trace_id,
-                span_id=record.span_id,
+                **_ids(record.trace_id, record.span_id),
             )
 
     def block_detected(self, block: BlockRecord) -> None:
@@ -63,8 +69,7 @@ class LogEvents:
             # raises on a list, which silently lost every loop_blocked event).
             stack="\n".join(block.stack),
             sampled=block.sampled,
-            trace_id=block.trace_id,
-            span_id=block.span_id,
+            **_ids(block.trace_id, block.span_id),
         )
 
     def hung_detected(self, hung: HungRecord) -> None:
@@ -76,8 +81,7 @@ class LogEvents:
             location=hung.location,
             stack="\n".join(hung.stack),  # a string: structlog reserves "stack" (see above)
             report=hung.report,
-            trace_id=hung.trace_id,
-            span_id=hung.span_id,
+            **_ids(hung.trace_id, hung.span_id),
         )
 
     def block_ended(self, block: BlockRecord) -> None:
@@ -86,12 +90,12 @@ class LogEvents:
             task=block.task,
             duration_s=round(block.duration, 6),
             location=block.location,
-            trace_id=block.trace_id,
-            span_id=block.span_id,
+            **_ids(block.trace_id, block.span_id),
         )
 
     def warning(self, name: str, kind: str, **details: Any) -> None:
-        self._logger.warning(f"task.{kind}", task=name, **details)
+        ids = _ids(details.pop("trace_id", None), details.pop("span_id", None))
+        self._logger.warning(f"task.{kind}", task=name, **details, **ids)
 
     def abandoned_summary(self, names: dict[str, int]) -> None:
         self._logger.warning(

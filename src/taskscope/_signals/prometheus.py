@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import Counter, Gauge, Histogram
 
 from taskscope._record import BlockRecord, TaskRecord
-from taskscope._signals._families import FAMILIES
+from taskscope._signals._families import FAMILIES, zero_series
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -124,6 +124,10 @@ class PrometheusMetrics:
     def _of_name(self, name: str) -> _NameChildren:
         children = self._by_name.get(name)
         if children is None:
+            # A new task name: the series the alert rules read start at zero (their value
+            # lives in the multiprocess files from here on, so every worker exports it).
+            for attribute, key in zero_series(name):
+                getattr(self, attribute).labels(*key)
             children = self._by_name[name] = _NameChildren(self, name)
         return children
 
@@ -148,6 +152,8 @@ class PrometheusMetrics:
 
     def record(self, record: TaskRecord) -> None:
         name = record.name
+        if name not in self._by_name:
+            self._of_name(name)
         total, duration = self._of_outcome(name, record.outcome)
         total.inc()
         if record.duration == 0.0 and record.outcome in ("skipped", "abandoned"):
@@ -170,6 +176,7 @@ class PrometheusMetrics:
             self.failures.labels(task=name, error_type=record.error_type or "Exception").inc()
 
     def block_detected(self, block: BlockRecord) -> None:
+        self._of_name(block.task)
         self.loop_blocks.labels(task=block.task).inc()
 
     def block_ended(self, block: BlockRecord) -> None:
@@ -180,6 +187,7 @@ class PrometheusMetrics:
         self.loop_lag.observe(seconds)
 
     def warning(self, name: str, kind: str) -> None:
+        self._of_name(name)
         self.warnings.labels(task=name, kind=kind).inc()
 
     def instrumentation_error(self, signal: str) -> None:

@@ -27,7 +27,7 @@ from prometheus_client.samples import Exemplar
 from prometheus_client.utils import floatToGoString
 
 from taskscope._record import BlockRecord, TaskRecord
-from taskscope._signals._families import FAMILIES
+from taskscope._signals._families import FAMILIES, zero_series
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -156,12 +156,20 @@ class FastMetrics:
 
         for signal in SIGNALS:  # zero from the first scrape, so rate() works
             self.instrumentation_errors.values[(signal,)] = 0.0
+        self._seen: set[str] = set()
         self._sources: weakref.WeakSet[Any] = weakref.WeakSet()
         registry.register(self)  # raises if the names are taken: the sink is then off
 
     def watch(self, runtime: Any) -> None:
         """Read ``runtime``'s tasks in flight, at scrape time, for the oldest-running gauge."""
         self._sources.add(runtime)
+
+    def _see(self, name: str) -> None:
+        """Create the alerting series of a new task name at zero (call with the lock)."""
+        self._seen.add(name)
+        for attribute, key in zero_series(name):
+            values = getattr(self, attribute).values
+            values.setdefault(key, 0.0)
 
     # -- the collector ---------------------------------------------------------------------
     def describe(self) -> list[Metric]:
@@ -194,6 +202,8 @@ class FastMetrics:
     # -- the signal interface ------------------------------------------------------------
     def task_started(self, name: str) -> None:
         with self._lock:
+            if name not in self._seen:
+                self._see(name)
             self.in_progress.inc((name,))
 
     def task_finished(self, name: str) -> None:
@@ -205,6 +215,8 @@ class FastMetrics:
         by_outcome = (name, record.outcome)
         by_name = (name,)
         with self._lock:
+            if name not in self._seen:
+                self._see(name)
             self.tasks.inc(by_outcome)
             if record.duration == 0.0 and record.outcome in ("skipped", "abandoned"):
                 return
@@ -220,6 +232,8 @@ class FastMetrics:
 
     def block_detected(self, block: BlockRecord) -> None:
         with self._lock:
+            if block.task not in self._seen:
+                self._see(block.task)
             self.loop_blocks.inc((block.task,))
 
     def block_ended(self, block: BlockRecord) -> None:
@@ -232,6 +246,8 @@ class FastMetrics:
 
     def warning(self, name: str, kind: str) -> None:
         with self._lock:
+            if name not in self._seen:
+                self._see(name)
             self.warnings.inc((name, kind))
 
     def instrumentation_error(self, signal: str) -> None:

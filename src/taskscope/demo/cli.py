@@ -134,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
 
     from taskscope import Telemetry
     from taskscope.demo import app as demo_app
+    from taskscope.demo.fit import terminal_width
     from taskscope.demo.load import LoadStats, run_load
     from taskscope.demo.server import DemoServer, Otlp, bind, client_host
     from taskscope.demo.stats import EventLog
@@ -217,7 +218,8 @@ def run(args: argparse.Namespace) -> int:
         f"metrics were at {url}/metrics; the tutorial's log file: {demo_app.LOG_FILE}"
     )
     title = f"taskscope demo: final summary ({how} after {elapsed:.1f} s, whole run)"
-    print(plain(session.frame(title, footer, whole_run=True), final=True), flush=True)
+    summary = session.frame(title, footer, whole_run=True)
+    print(plain(summary, final=True, width=terminal_width()), flush=True)
     if args.svg:
         _save_svg(args.svg, session.frame(f"background tasks ({elapsed:.0f} s)", whole_run=True))
     return 0
@@ -268,14 +270,18 @@ def _left(end: float | None) -> str:
 
 
 def _live(session: Session, interval: float, end: float | None) -> None:
+    from rich.console import Console
     from rich.live import Live
 
     from taskscope.demo.view import rich_view
 
-    def render() -> Any:
-        return rich_view(session.frame("background tasks", _left(end)))
+    console = Console()
 
-    with Live(render(), auto_refresh=False, transient=False) as live:
+    def render() -> Any:  # sized at each refresh: the terminal may have been resized
+        width, height = console.size
+        return rich_view(session.frame("background tasks", _left(end)), width, height)
+
+    with Live(render(), console=console, auto_refresh=False, transient=False) as live:
         while end is None or time.monotonic() < end:
             pause = interval if end is None else min(interval, max(0.0, end - time.monotonic()))
             time.sleep(pause)
@@ -283,6 +289,7 @@ def _live(session: Session, interval: float, end: float | None) -> None:
 
 
 def _periodic(session: Session, interval: float, end: float | None) -> None:
+    from taskscope.demo.fit import terminal_width
     from taskscope.demo.view import plain
 
     while True:
@@ -291,4 +298,5 @@ def _periodic(session: Session, interval: float, end: float | None) -> None:
             return
         time.sleep(interval)
         elapsed = time.monotonic() - session.started
-        print(plain(session.frame(f"[{elapsed:.0f} s] background tasks")), end="\n\n", flush=True)
+        frame = session.frame(f"[{elapsed:.0f} s] background tasks")
+        print(plain(frame, width=terminal_width()), end="\n\n", flush=True)

@@ -202,7 +202,8 @@ def window(current: Snapshot, earlier: Snapshot | None) -> Window:
         tasks.append(
             TaskStats(
                 name=name,
-                outcomes=outcomes,
+                # taskscope creates every outcome at 0 for the alert rules: keep what happened.
+                outcomes={k: v for k, v in outcomes.items() if v > 0},
                 failures={k: v for k, v in failures.items() if v > 0},
                 duration=histo("taskscope_task_duration_seconds", name),
                 wait=histo("taskscope_task_wait_seconds", name),

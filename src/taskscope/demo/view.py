@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from taskscope.demo.fit import plural, table, wrap
 from taskscope.demo.stats import Histo
 
 if TYPE_CHECKING:
@@ -120,12 +121,12 @@ def findings(window: Window, events: EventLog, threads: int) -> list[str]:
         name = short(task.name)
         if task.failures:
             total = sum(task.failures.values())
-            lines.append(f"FAILED   {name}: {total:.0f} failures ({failures(task)})")
+            lines.append(f"FAILED   {name}: {plural(total, 'failure')} ({failures(task)})")
         skipped = task.outcomes.get("skipped", 0)
         if skipped:
             lines.append(
-                f"SKIPPED  {name}: {skipped:.0f} times, because an earlier task of the "
-                "same response failed"
+                f"SKIPPED  {name}: {plural(skipped, 'time')}, because an earlier task of "
+                "the same response failed"
             )
         for outcome in ("cancelled", "abandoned"):
             if count := task.outcomes.get(outcome, 0):
@@ -144,7 +145,7 @@ def findings(window: Window, events: EventLog, threads: int) -> list[str]:
         )
     for task_name, location, count, mean in events.block_sites():
         lines.append(
-            f"BLOCKED  {short(task_name)}: held the event loop {count} times "
+            f"BLOCKED  {short(task_name)}: held the event loop {plural(count, 'time')} "
             f"({seconds(mean)} on average) at {where(location)}"
         )
     return lines
@@ -155,27 +156,28 @@ def block_lines(blocks: list[Block]) -> list[str]:
 
 
 # -- plain text ------------------------------------------------------------------------
-def plain(frame: Frame, *, final: bool = False) -> str:
+def plain(frame: Frame, *, final: bool = False, width: int | None = None) -> str:
+    """The frame as text, fitted to ``width`` columns (None: no limit): the table splits
+    into column groups, long lines wrap."""
     rate = not final
     headers = ROW_HEADERS if rate else ("task", "runs", *ROW_HEADERS[2:])
     rows = [headers, *(row(task, rate=rate) for task in frame.window.tasks)]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(headers))]
     out = [frame.title]
-    out.extend(
-        "  " + "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(r)).rstrip() for r in rows
-    )
-    out.append("  " + loop_line(frame.window))
-    out.append("  " + load_line(frame.load))
+    out.extend(table(rows, width))
+    out.extend(wrap(loop_line(frame.window), width))
+    out.extend(wrap(load_line(frame.load), width))
     if frame.otlp:
-        out.append("  " + frame.otlp)
+        out.extend(wrap(frame.otlp, width))
     blocks = frame.events.latest_blocks(3)
     if blocks and not final:
         out.append("  latest loop blocks:")
-        out.extend("    " + line for line in block_lines(blocks))
+        for line in block_lines(blocks):
+            out.extend(wrap(line, width, indent="    "))
     out.append("what taskscope found" + (":" if final else " so far:"))
-    out.extend("  " + line for line in frame.found or ["nothing unusual"])
-    if frame.footer:
-        out.append(frame.footer)
+    for line in frame.found or ["nothing unusual"]:
+        out.extend(wrap(line, width, hang="         "))  # under the text after "FAILED   "
+    for line in frame.footer.splitlines():
+        out.extend(wrap(line, width, indent=""))
     return "\n".join(out)
 
 
@@ -197,7 +199,21 @@ def ms(histo: Histo, q: float) -> str:
     return f"{value:.2g}" if value < 10 else f"{value:.0f}"
 
 
-def rich_view(frame: Frame) -> Any:
+FULL_VIEW_LINES = 40
+"""Terminals shorter than this get the compact view (80x24 fits it whole)."""
+
+
+def rich_view(frame: Frame, width: int | None = None, height: int | None = None) -> Any:
+    """The live view; on a terminal of fewer than ``FULL_VIEW_LINES`` lines, the compact
+    one, which fits ``width`` x ``height`` (an 80x24 terminal shows all of it)."""
+    if height is not None and height < FULL_VIEW_LINES:
+        from taskscope.demo.compact import compact_view
+
+        return compact_view(frame, width or 80, height)
+    return _full_view(frame)
+
+
+def _full_view(frame: Frame) -> Any:
     from rich import box
     from rich.console import Group
     from rich.panel import Panel
