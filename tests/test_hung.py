@@ -459,7 +459,7 @@ async def test_detection_latency_in_real_time(anyio_backend: Any) -> None:
         release.set()
     latency = arrived[0] - started[0] - 0.2
     print(f"hung detection latency past the threshold: {latency * 1000:.1f} ms")
-    assert 0.0 <= latency < _hung.scan_period(0.2) + 0.1, latency
+    assert 0.0 <= latency < _hung.scan_period(0.2) + 0.25, latency  # slack: a shared CPU
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
