@@ -485,10 +485,13 @@ async def test_a_task_awaited_directly(anyio_backend: Any, factory: str) -> None
 
 
 def test_a_sync_task_waiting_for_a_thread() -> None:
-    """Not started in a thread yet: said so, rather than a stack of another task."""
+    """Not started in a thread yet, or already back from it: said so, never another
+    task's stack."""
     runtime = runtime_of(Telemetry(prometheus=False, otel_metrics=False))
     run = TaskRun("t", runtime)
     assert _hung.where(run) == (_hung.WAITING_FOR_THREAD, ())
+    run.thread = 0  # its function returned; the loop has not resumed the task yet
+    assert _hung.where(run) == (_hung.LEFT_THREAD, ())
 
 
 def test_hung_after_setting_and_env() -> None:

@@ -35,6 +35,7 @@ _MAX_CHILDREN = 5  # pending children described per await
 _MAX_LINES = 40
 _GROUP_EXITS = frozenset({"__aexit__", "_aexit", "_nested_child_finished"})
 WAITING_FOR_THREAD = "<waiting for a worker thread>"
+LEFT_THREAD = "<returned from its worker thread>"
 
 
 def due_age(hung_after: float, step: int) -> float:
@@ -126,6 +127,8 @@ def where(run: TaskRun) -> tuple[str, tuple[str, ...]]:
     """``(location, stack)`` of a running task (see :class:`HungRecord`)."""
     if run.coro is None:
         thread = run.thread
+        if thread == 0:  # its function returned: the task is about to end
+            return LEFT_THREAD, ()
         frame = sys._current_frames().get(thread) if thread is not None else None
         if frame is None:
             return WAITING_FOR_THREAD, ()

@@ -151,7 +151,7 @@ class TaskRun:
         self.error_message: str | None = None
         # Read by the hung-task check (watchdog thread): where the task waits.
         self.coro: Any = None  # async: the task's coroutine (awaitable)
-        self.thread: int | None = None  # sync: the worker thread running it, while it runs
+        self.thread: int | None = None  # sync: the worker thread running it (0: done there)
         self.hung = 0  # back-off steps reported as hung (0: never)
 
 
@@ -424,7 +424,7 @@ async def _run_sync(
         try:
             result = func(*args, **kwargs)
         finally:
-            run.thread = None
+            run.thread = 0  # done in the thread (0: no thread has this id)
         if inspect.isawaitable(result):  # kept off the backend (trio would raise on it)
             unawaited.append(result)
 
