@@ -16,8 +16,15 @@ import time
 
 from common import BENCH, print_environment
 
-_HEADINGS = ("# per-task", "# http", "# probe", "# detection")
-SCRIPTS = ("per_task.py", "http_load.py", "probe_cost.py", "detection_latency.py")
+_HEADINGS = ("# per-task", "# http", "# probe", "# detection", "# celery")
+SCRIPTS = (
+    "per_task.py",
+    "http_load.py",
+    "probe_cost.py",
+    "detection_latency.py",
+    "celery_cost.py",
+    "celery_worker_cost.py",
+)
 
 
 def main() -> None:

@@ -88,3 +88,12 @@ def _no_instrumentation_left() -> Iterator[None]:
     """Class patches of instrument()/instrument_app() never leak into the next test."""
     yield
     taskscope.uninstrument()
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real ``redis-server`` on 127.0.0.1 for the session (the queue tests' broker)."""
+    from tests.queue_services import running_redis
+
+    with running_redis(tmp_path_factory.mktemp("redis")) as url:
+        yield url

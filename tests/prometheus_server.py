@@ -129,20 +129,29 @@ def finite_values(result: Sequence[dict[str, Any]]) -> list[float]:
     return values
 
 
-def _config(targets: Sequence[str], rule_files: Sequence[Path], labels: Mapping[str, str]) -> str:
+def _config(
+    targets: Sequence[str],
+    rule_files: Sequence[Path],
+    labels: Mapping[str, str],
+    jobs: Mapping[str, Sequence[str]] | None = None,
+) -> str:
     rules = "".join(f"\n  - {json.dumps(str(path))}" for path in rule_files)
+    scrape = "".join(
+        f"""
+  - job_name: {json.dumps(job)}
+    metrics_path: /metrics
+    static_configs:
+      - targets: {json.dumps(list(job_targets))}
+        labels: {json.dumps(dict(labels))}"""
+        for job, job_targets in (jobs or {"taskscope": targets}).items()
+    )
     return f"""\
 global:
   scrape_interval: 1s
   scrape_timeout: 1s
   evaluation_interval: 1s
 rule_files:{rules or " []"}
-scrape_configs:
-  - job_name: taskscope
-    metrics_path: /metrics
-    static_configs:
-      - targets: {json.dumps(list(targets))}
-        labels: {json.dumps(dict(labels))}
+scrape_configs:{scrape}
 """
 
 
@@ -184,13 +193,14 @@ def running_prometheus(
     *,
     labels: Mapping[str, str] | None = None,
     startup_timeout: float = 20.0,
+    jobs: Mapping[str, Sequence[str]] | None = None,
 ) -> Iterator[PrometheusServer]:
-    """A Prometheus process scraping ``targets`` (host:port, /metrics) every second;
-    ``labels`` are added to every target (as Kubernetes service discovery adds
-    ``namespace``)."""
+    """A Prometheus process scraping ``targets`` (host:port, /metrics) every second, as
+    job ``taskscope``; or, with ``jobs``, each job's targets under that job name. ``labels``
+    are added to every target (as Kubernetes service discovery adds ``namespace``)."""
     binary = prometheus_binary()
     config = workdir / "prometheus.yml"
-    config.write_text(_config(targets, rule_files, labels or {}))
+    config.write_text(_config(targets, rule_files, labels or {}, jobs))
     (workdir / "data").mkdir()
     log_path = workdir / "prometheus.log"
     process, port = _start(binary, config, workdir / "data", log_path)

@@ -263,6 +263,7 @@ def test_rows_in_order(dashboard: dict[str, Any]) -> None:
         "Event loop",
         "Threadpool pressure",
         "Instrumentation health",
+        "Queue workers",
         "Hung tasks",
     ]
 

@@ -92,11 +92,14 @@ def test_every_yaml_file_parses(path: Path) -> None:
 
 
 def test_compose_has_the_whole_stack(compose: dict[str, Any]) -> None:
-    """The five services, with images pinned to a version (no :latest drift)."""
+    """The seven services, with images pinned to a version (no :latest drift)."""
     services = compose["services"]
-    assert set(services) == {"app", "prometheus", "grafana", "otel-collector", "tempo"}
+    assert set(services) == {
+        "app", "prometheus", "grafana", "otel-collector", "tempo", "redis", "worker",
+    }  # fmt: skip
+    assert services["worker"]["image"] == services["app"]["image"]  # built once, by app
     for name, service in services.items():
-        if name == "app":
+        if name in ("app", "worker"):
             continue
         image = service["image"]
         assert re.search(r":v?\d+\.\d+", image), image

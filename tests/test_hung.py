@@ -339,7 +339,7 @@ def test_abandoned_at_exit_keeps_the_mark() -> None:
         run = TaskRun("app.stuck", runtime)
         run.hung = 2
         runtime.track(1, "app.stuck", 990.0, run)
-        runtime.track(2, "app.waiting", 0.0, None)  # accounted for, never started
+        runtime.track(2, "app.waiting", None)  # accounted for, never started
         assert runtime.abandon_inflight() == {"app.stuck": 1, "app.waiting": 1}
     by_name = {r.name: r for r in captured.tasks}
     assert by_name["app.stuck"].hung_reported

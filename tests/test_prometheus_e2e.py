@@ -78,6 +78,8 @@ SILENT = {
     "TaskscopeInstrumentationErrors",  # taskscope must not fail on its own
     "TaskscopeOtlpSpansDropped",  # a few dozen spans, a 2048-span queue
     "TaskscopeTaskHung",  # every task ends within seconds (its gauge is there, at 0)
+    "TaskscopeTaskRetriesHigh",  # queue workers only (tests/test_queues_prometheus.py)
+    "TaskscopeTasksRejected",  # queue workers only
 }
 # TaskscopeEventLoopLagHigh may go either way: two 150 ms blocks among a few hundred
 # heartbeats sit right at the 1% the p99 looks at. It is only checked to evaluate cleanly.

@@ -60,7 +60,7 @@ def test_child_span_shape(observed: Observed) -> None:
     assert attrs["code.function.name"] == "tests.test_spans.ok_task"
     assert attrs["taskscope.task.sync"] is False
     assert attrs["taskscope.task.outcome"] == "success"
-    assert isinstance(attrs["taskscope.task.wait_s"], float)
+    assert isinstance(attrs["taskscope.task.wait"], float)
     assert span.status.status_code == StatusCode.UNSET
     assert not any(key.startswith("taskscope.arg") for key in attrs)
 
@@ -90,6 +90,11 @@ def test_failure_span(observed: Observed) -> None:
     message = str(attrs["exception.message"])
     assert len(message) < 300
     assert message.endswith("…[truncated]")
+    stacktrace = str(attrs["exception.stacktrace"])
+    assert stacktrace.startswith("Traceback (most recent call last):")
+    assert "in failing_task" in stacktrace
+    assert stacktrace.rstrip().splitlines()[-1].startswith("KeyError")
+    assert "exception.escaped" not in attrs  # deprecated in the semantic conventions
 
 
 def test_link_mode_starts_a_new_trace() -> None:

@@ -69,10 +69,10 @@ def check(runtime: Runtime) -> int:
     young = now - hung_after  # started after this: not due (the common case, one compare)
     reported = 0
     for key, entry in entries.items():
-        run = entry[2]
-        if run is None or entry[1] > young:  # not started yet, or not due
+        start, run = entry[1], entry[2]
+        if start is None or start > young or run is None:  # not started, not due, unwatched
             continue
-        age = now - entry[1]
+        age = now - start
         step = run.hung
         if age < due_age(hung_after, step):
             continue

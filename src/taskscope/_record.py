@@ -5,7 +5,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
-Outcome = Literal["success", "failure", "cancelled", "skipped", "abandoned"]
+Outcome = Literal[
+    "success",
+    "failure",
+    "cancelled",
+    "skipped",
+    "abandoned",
+    # Queue workers (taskscope.celery, taskscope.taskiq) only:
+    "retry",
+    "revoked",
+    "rejected",
+]
+NOT_RUN_OUTCOMES: frozenset[str] = frozenset({"skipped", "abandoned", "revoked", "rejected"})
+"""Outcomes of tasks that may never have started: with a zero duration, no duration is
+recorded for them (no empty or misleading run-time series)."""
 
 
 class TaskRecord(NamedTuple):

@@ -7,6 +7,7 @@ import contextlib
 import contextvars
 import inspect
 import threading
+import traceback
 import warnings
 from collections.abc import Callable, Sequence
 from types import FunctionType
@@ -239,7 +240,7 @@ def _account(
         cap = capture_of(task, explicit)
         cap.kind = kind
         cap.accounted = True
-        runtime_of(cap.resolve(explicit)).track(id(task), cap.name, 0.0, None)
+        runtime_of(cap.resolve(explicit)).track(id(task), cap.name, None)
         captures.append(cap)
 
 
@@ -470,6 +471,35 @@ def safe_message(error: BaseException, telemetry: Telemetry) -> str:
     return redacted
 
 
+def safe_stacktrace(error: BaseException, telemetry: Telemetry) -> str:
+    """The formatted traceback (chained causes included), redacted; each line cut like a
+    message, then the whole kept to its last ``16 * max_message_length`` characters (the
+    innermost frames and the exception line). Never raises."""
+    line_limit = telemetry.max_message_length
+    limit = line_limit * 16
+    try:
+        lines = "".join(traceback.format_exception(error)).splitlines()
+    except BaseException:
+        return f"<unformattable traceback of {type(error).__name__}>"
+    kept: list[str] = []
+    size = 0
+    for line in reversed(lines):
+        try:
+            redacted = telemetry.redact(line[: line_limit * 4])
+        except Exception:
+            return "<redaction failed>"
+        if not isinstance(redacted, str):
+            return "<redaction failed>"
+        if len(redacted) > line_limit or len(line) > line_limit * 4:
+            redacted = redacted[:line_limit] + "…[truncated]"
+        size += len(redacted) + 1
+        if size > limit:
+            kept.append("[truncated]…")
+            break
+        kept.append(redacted)
+    return "\n".join(reversed(kept))
+
+
 def _adopt_span(run: TaskRun, span: Span) -> None:
     """FastAPI's task span: its ids for metrics and logs, events added, the rest FastAPI's."""
     run.span = span
@@ -499,7 +529,7 @@ def _start_span(runtime: Runtime, run: TaskRun, cap: Capture, sync: bool, wait: 
             attributes={
                 "code.function.name": run.name,
                 "taskscope.task.sync": sync,
-                "taskscope.task.wait_s": wait,
+                "taskscope.task.wait": wait,  # seconds
             },
             links=links,
         )
@@ -544,7 +574,7 @@ def _end_span(
                 {
                     "exception.type": qualified,
                     "exception.message": run.error_message or "",
-                    "exception.escaped": True,
+                    "exception.stacktrace": safe_stacktrace(error, runtime.telemetry),
                 },
             )
             span.set_status(Status(StatusCode.ERROR, run.error_type))

@@ -30,7 +30,6 @@ if TYPE_CHECKING:
     from opentelemetry.trace import Tracer
 
     from taskscope._record import BlockRecord, HungRecord, TaskRecord
-    from taskscope._run import TaskRun
 
 _create_lock = threading.Lock()
 _default: Telemetry | None = None
@@ -79,8 +78,9 @@ class Runtime:
         self.logs: Any = None
         self._sinks: list[tuple[str, Any]] = []
         self._tracer: Tracer | None = None
-        # id(task) -> (name, start, run); run is None until the task starts.
-        self.inflight: dict[int, tuple[str, float, TaskRun | None]] = {}
+        # id(task) -> (name, start, run): start is None until the task starts; run (a
+        # TaskRun, or a queue worker's record of a run) is what the hung-task check reads.
+        self.inflight: dict[int, tuple[str, float | None, Any]] = {}
         self.exited = False
         self._inflight_lock = threading.Lock()
         self.hung_lock = threading.Lock()
@@ -194,8 +194,8 @@ class Runtime:
             return {}
         now = self.telemetry.clock()
         ages: dict[str, float] = {}
-        for name, start, run in entries.values():
-            if run is not None:
+        for name, start, _ in entries.values():
+            if start is not None:
                 age = max(0.0, now - start)
                 if age > ages.get(name, -1.0):
                     ages[name] = age
@@ -228,7 +228,7 @@ class Runtime:
                 self.absorb(signal)
 
     # -- accounting of tasks not yet ended ------------------------------------------------
-    def track(self, key: int, name: str, start: float, run: TaskRun | None) -> None:
+    def track(self, key: int, name: str, start: float | None, run: Any = None) -> None:
         # Single dict operations are atomic under the GIL: no lock on the hot path.
         self.inflight[key] = (name, start, run)
 
@@ -247,8 +247,8 @@ class Runtime:
         names: Counter[str] = Counter()
         for name, start, run in pending:
             names[name] += 1
-            duration = max(0.0, now - start) if run is not None else 0.0
-            hung = run is not None and run.hung > 0
+            duration = max(0.0, now - start) if start is not None else 0.0
+            hung = getattr(run, "hung", 0) > 0
             record = TaskRecord(name, "abandoned", False, duration, None, hung_reported=hung)
             for signal, sink in self._sinks:
                 if signal == "logging":

@@ -6,8 +6,10 @@ import contextlib
 import gc
 import gzip
 import os
+import struct
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -79,8 +81,32 @@ def resolve_registry(registry: Collector | None) -> Collector:
     return REGISTRY
 
 
+MULTIPROCESS_ATTEMPTS = 4
+"""Multiprocess mode: renders tried before a scrape fails (see :func:`render`)."""
+_FILE_RACES = (OSError, ValueError, struct.error)
+
+
 def render(negotiated: Negotiated, registry: Collector | None) -> Rendered:
-    """Render (and maybe gzip) the metrics. Blocking: call it from a worker thread."""
+    """Render (and maybe gzip) the metrics. Blocking: call it from a worker thread.
+
+    In multiprocess mode a process may be creating its file (a reader sees a half-written
+    key: ``JSONDecodeError``) or another may be removing a dead process's file while the
+    files are read; such a render is tried again a few milliseconds later instead of
+    failing the scrape (prefork Celery pools replace processes often).
+    """
+    retry = registry is None and bool(os.environ.get(MULTIPROC_ENV))
+    attempt = 1
+    while True:
+        try:
+            return _render(negotiated, registry)
+        except _FILE_RACES:
+            if not retry or attempt >= MULTIPROCESS_ATTEMPTS:
+                raise
+            time.sleep(0.005 * 2 ** (attempt - 1))  # 5, 10, 20 ms
+            attempt += 1
+
+
+def _render(negotiated: Negotiated, registry: Collector | None) -> Rendered:
     source = resolve_registry(registry)
     if negotiated.names and isinstance(source, CollectorRegistry):
         source = source.restricted_registry(negotiated.names)

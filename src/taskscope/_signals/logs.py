@@ -50,6 +50,17 @@ class LogEvents:
                 reason=record.reason or "an earlier task of the same response failed",
                 **_ids(record.trace_id, record.span_id),
             )
+        elif record.outcome in ("revoked", "rejected", "retry"):
+            # Queue workers only (taskscope.celery, taskscope.taskiq).
+            log = self._logger.info if record.outcome == "retry" else self._logger.warning
+            log(
+                f"task.{record.outcome}",
+                task=record.name,
+                reason=record.reason,
+                error_type=record.error_type,
+                trace_id=record.trace_id,
+                span_id=record.span_id,
+            )
         elif record.outcome == "abandoned":
             self._logger.warning(
                 "task.abandoned",

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from opentelemetry.metrics import CallbackOptions, Observation
 
-from taskscope._record import BlockRecord, TaskRecord
+from taskscope._record import NOT_RUN_OUTCOMES, BlockRecord, TaskRecord
 from taskscope._signals._buckets import BLOCK_SECONDS, LAG_SECONDS, TASK_SECONDS
 from taskscope._version import __version__
 
@@ -121,7 +121,7 @@ class OtelMetrics:
     def record(self, record: TaskRecord) -> None:
         name = record.name
         self.tasks.add(1, {"task": name, "outcome": record.outcome})
-        if record.outcome in ("skipped", "abandoned") and record.duration == 0.0:
+        if record.outcome in NOT_RUN_OUTCOMES and record.duration == 0.0:
             return
         self.duration.record(record.duration, {"task": name, "outcome": record.outcome})
         if record.wait is not None:

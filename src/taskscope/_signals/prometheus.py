@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from taskscope._record import BlockRecord, TaskRecord
+from taskscope._record import NOT_RUN_OUTCOMES, BlockRecord, TaskRecord
 from taskscope._signals._families import FAMILIES, zero_series
 
 if TYPE_CHECKING:
@@ -137,7 +137,7 @@ class PrometheusMetrics:
         if children is None:
             # The duration child is only created for outcomes that ran (no empty series
             # for skipped tasks, which histogram_quantile would turn into NaN).
-            ran = outcome not in ("skipped", "abandoned")
+            ran = outcome not in NOT_RUN_OUTCOMES
             children = self._by_outcome[key] = (
                 self.tasks.labels(task=name, outcome=outcome),
                 self.duration.labels(task=name, outcome=outcome) if ran else None,
@@ -156,9 +156,9 @@ class PrometheusMetrics:
             self._of_name(name)
         total, duration = self._of_outcome(name, record.outcome)
         total.inc()
-        if record.duration == 0.0 and record.outcome in ("skipped", "abandoned"):
+        if record.duration == 0.0 and record.outcome in NOT_RUN_OUTCOMES:
             return
-        if duration is None:  # abandoned at exit after running for a while
+        if duration is None:  # abandoned (or rejected, revoked) after running for a while
             duration = self.duration.labels(task=name, outcome=record.outcome)
         if record.trace_id:
             duration.observe(record.duration, {"trace_id": record.trace_id})

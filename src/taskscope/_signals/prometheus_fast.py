@@ -26,7 +26,7 @@ from prometheus_client.core import (
 from prometheus_client.samples import Exemplar
 from prometheus_client.utils import floatToGoString
 
-from taskscope._record import BlockRecord, TaskRecord
+from taskscope._record import NOT_RUN_OUTCOMES, BlockRecord, TaskRecord
 from taskscope._signals._families import FAMILIES, zero_series
 
 if TYPE_CHECKING:
@@ -218,7 +218,7 @@ class FastMetrics:
             if name not in self._seen:
                 self._see(name)
             self.tasks.inc(by_outcome)
-            if record.duration == 0.0 and record.outcome in ("skipped", "abandoned"):
+            if record.duration == 0.0 and record.outcome in NOT_RUN_OUTCOMES:
                 return
             self.duration.observe(by_outcome, record.duration, record.trace_id)
             if record.wait is not None:

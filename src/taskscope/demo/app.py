@@ -136,8 +136,14 @@ def get_query(background_tasks: BackgroundTasks, q: str | None = None) -> str | 
     return q
 
 
-def create_app(telemetry: Telemetry, metrics_app: Any = None) -> FastAPI:
-    """The instrumented app; ``metrics_app`` (an ASGI app) is served at ``/metrics``."""
+def create_app(
+    telemetry: Telemetry, metrics_app: Any = None, *, report_task: Any = None
+) -> FastAPI:
+    """The instrumented app; ``metrics_app`` (an ASGI app) is served at ``/metrics``.
+
+    ``report_task`` (a Celery task): reports are published to it after the response
+    (``taskscope demo --scale-out``) instead of rendered in the web process.
+    """
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -159,7 +165,12 @@ def create_app(telemetry: Telemetry, metrics_app: Any = None) -> FastAPI:
 
     @app.post("/reports/{report_id}")
     async def export_report(report_id: int, background_tasks: BackgroundTasks) -> dict[str, str]:
-        background_tasks.add_task(render_report, report_id)
+        if report_task is None:
+            background_tasks.add_task(render_report, report_id)
+        else:
+            from taskscope.celery import queued
+
+            background_tasks.add_task(queued(report_task), report_id)
         return {"message": "Report export started"}
 
     @app.post("/thumbnails/{image_id}")

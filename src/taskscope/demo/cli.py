@@ -50,6 +50,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also save the final view, as the live view draws it, to an SVG file",
     )  # fmt: skip
     parser.add_argument(
+        "--scale-out", action="store_true",
+        help="move the report task to a Celery worker: starts redis-server and a worker as "
+        "child processes (needs redis-server and taskscope[celery])",
+    )  # fmt: skip
+    parser.add_argument(
+        "--broker", default=None, metavar="URL",
+        help="with --scale-out: publish to this running broker instead (start the worker "
+        "yourself: celery -A taskscope.demo.worker worker)",
+    )  # fmt: skip
+    parser.add_argument(
         "--interval", type=float, default=None, metavar="SECONDS",
         help="refresh every SECONDS (default: 1 on a terminal, 5 otherwise)",
     )  # fmt: skip
@@ -170,12 +180,29 @@ def run(args: argparse.Namespace) -> int:
         hung_after=demo_app.DEMO_HUNG_AFTER,
     )
     demo_app.LOG_FILE.write_text("")
-    app = demo_app.create_app(telemetry, demo_app.metrics_app_for(registry))
+    scale = None
+    if args.scale_out or args.broker:
+        from taskscope.demo.scaleout import ScaleOutError, start_scale_out
+
+        try:
+            scale = start_scale_out(args.broker, telemetry)
+        except ScaleOutError as exc:
+            print(exc, file=sys.stderr)
+            sock.close()
+            otlp.shutdown()
+            return 1
+    app = demo_app.create_app(
+        telemetry,
+        demo_app.metrics_app_for(registry),
+        report_task=scale.report_task if scale is not None else None,
+    )
     server = DemoServer(app, sock)
     if not server.start():
         print("the demo server did not start (see the errors above)", file=sys.stderr)
         sock.close()
         otlp.shutdown()
+        if scale is not None:
+            scale.stop()
         return 1
 
     if otlp.handle is not None:  # the view shows the failure counter instead of log spam
@@ -193,6 +220,8 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         print(_hints(url, args.host, port, otlp.note), flush=True)
+        if scale is not None:
+            print(scale.note, flush=True)
         load_thread.start()
         if interactive:
             _live(session, interval, end)
@@ -207,6 +236,8 @@ def run(args: argparse.Namespace) -> int:
         _join(load_thread, 6)
         app.state.partner.close()  # the dead upstream hangs up: the hung task ends
         server.stop()
+        if scale is not None:
+            scale.stop()
         otlp.shutdown()
         signal.signal(signal.SIGTERM, previous)
 

@@ -1,0 +1,1 @@
+"""Engine hooks for task queues (Celery, taskiq): the same records, spans and sinks."""
