@@ -636,3 +636,41 @@ async def test_a_failing_clock_costs_neither_the_scrape_nor_the_task(anyio_backe
     assert errors["otel_metrics"] >= 1, errors  # the observable gauge's callback
     assert runtime_of(obs.telemetry).absorbed_errors >= 3
     assert obs.outcomes() == {(name_of(hanging.awaits_event), "success"): 1.0}
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_taskiq_task_in_a_worker(anyio_backend: Any) -> None:
+    """taskiq (in-memory broker, the worker's loop): reported at the task's own await,
+    through the receiver's frames; its record says so."""
+    from taskiq import InMemoryBroker
+
+    from taskscope import start_loop_probe
+    from taskscope.taskiq import TaskscopeMiddleware
+    from taskscope.testing import capture
+
+    clock = FakeClock()
+    obs = observed(clock)
+    broker = InMemoryBroker().with_middlewares(TaskscopeMiddleware(obs.telemetry))
+    task = broker.task(task_name="tests.scenarios.hanging:queued_waits")(hanging.queued_waits)
+    flag = threading.Event()
+    release = asyncio.Event()
+    hanging.queue_waits_on.update(entered=flag, release=release)
+    await broker.startup()
+    await start_loop_probe(obs.telemetry)
+    try:
+        with capture(obs.telemetry) as captured:
+            await task.kiq()
+            await entered(flag)
+            clock.now += HUNG
+            await until(lambda: hung(obs))
+            release.set()
+            await until(lambda: captured.tasks)
+    finally:
+        await broker.shutdown()
+        hanging.queue_waits_on.clear()
+    (event,) = hung(obs)
+    assert event["task"] == "tests.scenarios.hanging.queued_waits"
+    assert event["location"] in markers(FILE, "hung-queued"), event["stack"]
+    (record,) = captured.tasks
+    assert record.hung_reported
+    assert record.outcome == "success"

@@ -92,3 +92,11 @@ async def awaits_a_task(release: anyio.Event, entered: threading.Event, factory:
 async def waits_for_a_flag(flag: threading.Event, entered: threading.Event) -> None:
     entered.set()
     await anyio.to_thread.run_sync(flag.wait)  # BLOCK: hung-flag
+
+
+queue_waits_on: dict[str, Any] = {}  # a queued task's arguments are serialised: events here
+
+
+async def queued_waits() -> None:
+    queue_waits_on["entered"].set()
+    await queue_waits_on["release"].wait()  # BLOCK: hung-queued
