@@ -264,6 +264,7 @@ def test_rows_in_order(dashboard: dict[str, Any]) -> None:
         "Threadpool pressure",
         "Instrumentation health",
         "Queue workers",
+        "Hung tasks",
     ]
 
 

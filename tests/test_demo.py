@@ -119,6 +119,14 @@ def test_final_summary_attributes_each_kind_of_trouble(tmp_path: Path) -> None:
     _, value, unit = next(t for t in threads if t[0] == "render_report")
     assert float(value) * (1 if unit == "s" else 0.001) >= 0.1
 
+    # Hung: the order task waits on a dead upstream, reported with the line it waits at.
+    hung = re.findall(r"HUNG     (\S+): still running after (\S+) s, waiting at (\S+):(\d+)", found)
+    assert [h[0] for h in hung] == ["sync_with_partner"], found
+    _, age, path, line = hung[0]
+    assert float(age) >= demo_app.DEMO_HUNG_AFTER
+    assert (tmp_path / path).resolve() == APP_FILE
+    assert int(line) == marker_line("HANGS")
+
     report_row = next(line for line in summary.splitlines() if "  render_report " in line)
     assert report_row.split()[1].isdigit()  # runs
     assert "hidden by the demo: " + str(failures) in summary

@@ -20,7 +20,7 @@ from taskscope._instrumentor import (
 )
 from taskscope._naming import task_name
 from taskscope._probe import lifespan, start_loop_probe
-from taskscope._record import BlockRecord, Outcome, TaskRecord
+from taskscope._record import BlockRecord, HungRecord, Outcome, TaskRecord
 from taskscope._redact import redact_secrets
 
 if TYPE_CHECKING:
@@ -31,6 +31,7 @@ __all__ = (
     "BackgroundTask",
     "BackgroundTasks",
     "BlockRecord",
+    "HungRecord",
     "MetricsApp",
     "Outcome",
     "SpanMode",

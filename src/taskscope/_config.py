@@ -68,6 +68,10 @@ class Telemetry:
     """A step of an async task that holds the loop this long (seconds) is a block."""
     lag_interval: float = 0.1
     """Seconds between two heartbeats of the loop-lag probe."""
+    hung_after: float | None = 60.0
+    """A task still running after this many seconds is reported as hung (``task.hung``),
+    with where it is waiting; then again at a bounded back-off while it runs. ``None``:
+    off. Checked by the loop probe's watchdog thread (needs ``loop_probe``)."""
     clock: Callable[[], float] = time.perf_counter
     """Monotonic clock in seconds (inject a fake one in tests)."""
     _runtime: Any = field(default=None, init=False, repr=False)
@@ -81,6 +85,9 @@ class Telemetry:
             if not getattr(self, name) > 0:
                 msg = f"{name} must be a positive number of seconds"
                 raise ValueError(msg)
+        if self.hung_after is not None and not self.hung_after > 0:
+            msg = "hung_after must be a positive number of seconds, or None (off)"
+            raise ValueError(msg)
         for name in (
             "max_task_names",
             "max_error_types",
@@ -105,7 +112,8 @@ class Telemetry:
         ``TASKSCOPE_MAX_ERROR_TYPES_PER_TASK``, ``TASKSCOPE_LOOP_PROBE``,
         ``TASKSCOPE_BLOCK_THRESHOLD``, ``TASKSCOPE_LAG_INTERVAL``, ``TASKSCOPE_PROMETHEUS``,
         ``TASKSCOPE_OTEL_METRICS``,
-        ``TASKSCOPE_MAX_MESSAGE_LENGTH``. Keyword arguments win over the environment.
+        ``TASKSCOPE_MAX_MESSAGE_LENGTH``, ``TASKSCOPE_HUNG_AFTER`` (seconds, or ``off``).
+        Keyword arguments win over the environment.
         An error names the variable, never its value.
         """
         env = os.environ if environ is None else environ
@@ -122,7 +130,15 @@ class Telemetry:
             "TASKSCOPE_PROMETHEUS": ("prometheus", parse_bool),
             "TASKSCOPE_OTEL_METRICS": ("otel_metrics", parse_bool),
             "TASKSCOPE_MAX_MESSAGE_LENGTH": ("max_message_length", parse_int),
+            "TASKSCOPE_HUNG_AFTER": ("hung_after", _parse_seconds_or_off),
         }
         kwargs.update(read_variables(env, parsers))
         kwargs.update(overrides)
         return cls(**kwargs)
+
+
+def _parse_seconds_or_off(raw: str) -> float | None:
+    value = raw.strip().lower()
+    if value in {"off", "none", "false", "0"}:
+        return None
+    return float(value)

@@ -11,11 +11,12 @@ import contextlib
 import contextvars
 import inspect
 import threading
+import time
 import weakref
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
-from taskscope import _stepping
+from taskscope import _hung, _stepping
 from taskscope._stepping import StepMonitor, TimedCoroutine, current_run
 
 if TYPE_CHECKING:
@@ -86,6 +87,13 @@ def probe_for(runtime: Runtime) -> LoopProbe | None:
         return None
 
 
+def start_watchdog(runtime: Runtime) -> None:
+    """Make sure the running loop's probe (and its watchdog) runs for ``runtime``: the
+    hung-task check of sync tasks, which never go through :func:`monitored`."""
+    if runtime.telemetry.loop_probe:
+        probe_for(runtime)
+
+
 async def start_loop_probe(telemetry: Telemetry | None = None) -> None:
     """Start the loop probe for the running loop now (e.g. in an app's lifespan).
 
@@ -145,6 +153,8 @@ class LoopProbe:
         self.runtimes: weakref.WeakSet[Runtime] = weakref.WeakSet()
         self.last_runtime: Runtime | None = None
         self.poll = _poll_for(telemetry.block_threshold)
+        self.hung_period: float | None = None  # seconds between two hung-task scans
+        self.scans = 0
         self._key = weakref.ref(key)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._started = False
@@ -159,6 +169,11 @@ class LoopProbe:
         self.last_runtime = runtime  # per-task fast path: no WeakSet lookup
         self.runtimes.add(runtime)
         self.poll = min(self.poll, _poll_for(runtime.telemetry.block_threshold))
+        hung_after = runtime.telemetry.hung_after
+        if hung_after is not None:
+            period = _hung.scan_period(hung_after)
+            if self.hung_period is None or period < self.hung_period:
+                self.hung_period = period
 
     def start(self) -> None:
         """Install the hooks and start the heartbeat and the watchdog (on the loop thread)."""
@@ -256,6 +271,7 @@ class LoopProbe:
     def _watch(self) -> None:
         monitor, stop, loop = self.monitor, self._stop, self._loop
         delay = self.poll
+        next_scan = time.perf_counter()
         while not stop.wait(delay):
             if loop is not None and loop.is_closed():
                 # Closed without its tasks cancelled: nothing will stop us but us.
@@ -268,6 +284,23 @@ class LoopProbe:
                 delay = self.poll
                 for runtime in list(self.runtimes):
                     runtime.absorb("loop_probe")
+            period = self.hung_period
+            if period is not None:
+                now = time.perf_counter()  # real time: the schedule of the scans
+                if now >= next_scan:
+                    self.scan_hung()
+                    next_scan = now + period
+                delay = min(delay, next_scan - now)
+
+    def scan_hung(self) -> None:
+        """The hung-task check of every runtime on this loop (watchdog thread)."""
+        for runtime in list(self.runtimes):
+            try:
+                _hung.check(runtime)
+                runtime.refresh_oldest()
+            except Exception:
+                runtime.absorb("loop_probe")
+        self.scans += 1
 
 
 class _NullScope:

@@ -51,6 +51,8 @@ class TaskRecord(NamedTuple):
     """Async tasks: steps longer than the block threshold."""
     reason: str | None = None
     """Why a ``skipped``/``abandoned`` task did not run (default: an earlier one failed)."""
+    hung_reported: bool = False
+    """The task ran past ``hung_after`` and was reported as hung (``task.hung``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,5 +70,27 @@ class BlockRecord:
     """True if the location comes from a stack sampled during the block."""
     ongoing: bool
     """Reported by the watchdog while the loop was still blocked."""
+    trace_id: str | None = None
+    span_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HungRecord:
+    """A task still running past ``hung_after``, and where it is waiting."""
+
+    task: str
+    age: float
+    """Seconds the task has been running."""
+    location: str
+    """``file:line`` where it waits: the innermost app frame (of a pending child, if it
+    waits on children)."""
+    stack: tuple[str, ...]
+    """Where it waits, innermost first: ``file:line in function`` per ``await`` (or per
+    frame of a worker thread), library frames collapsed, pending children indented."""
+    sync: bool
+    """A sync task (its worker thread's stack), else an async one (its await chain)."""
+    report: int
+    """The back-off step this report is for: 1 at ``hung_after``, 2 at the next due age, and
+    so on (a check that comes late reports once, for the latest step passed)."""
     trace_id: str | None = None
     span_id: str | None = None

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import contextvars
 import inspect
+import threading
 import warnings
 from collections.abc import Callable, Sequence
 from types import FunctionType
@@ -18,7 +19,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
 from taskscope._naming import _NAME_ATTRIBUTE, callable_name
-from taskscope._probe import monitored
+from taskscope._probe import monitored, start_watchdog
 from taskscope._record import Outcome, TaskRecord
 from taskscope._runtime import Runtime, current_telemetry, resolve, runtime_of
 from taskscope._safe import qualified_type_name, safe_message, safe_stacktrace, type_name
@@ -123,13 +124,16 @@ class TaskRun:
     __slots__ = (
         "blocks",
         "busy",
+        "coro",
         "error_message",
         "error_type",
+        "hung",
         "name",
         "owns_span",
         "runtime",
         "span",
         "span_id",
+        "thread",
         "threshold",
         "trace_id",
     )
@@ -146,6 +150,10 @@ class TaskRun:
         self.span_id: str | None = None
         self.error_type: str | None = None
         self.error_message: str | None = None
+        # Read by the hung-task check (watchdog thread): where the task waits.
+        self.coro: Any = None  # async: the task's coroutine (awaitable)
+        self.thread: int | None = None  # sync: the worker thread running it (0: done there)
+        self.hung = 0  # back-off steps reported as hung (0: never)
 
 
 # The task a custom ``__call__`` is being recorded for: when that ``__call__`` calls
@@ -232,7 +240,7 @@ def _account(
         cap = capture_of(task, explicit)
         cap.kind = kind
         cap.accounted = True
-        runtime_of(cap.resolve(explicit)).track(id(task), cap.name, 0.0)
+        runtime_of(cap.resolve(explicit)).track(id(task), cap.name, None)
         captures.append(cap)
 
 
@@ -311,7 +319,7 @@ async def run_one(task: BackgroundTask, cap: Capture, sent_at: float, hook: Any 
     plain = cap.kind is Kind.PLAIN
     sync = (not task.is_async) if plain else is_sync(task)
     start = clock()
-    runtime.track(id(task), name, start)
+    runtime.track(id(task), name, start, run)
     runtime.task_started(name)
     operation = None if hook is None else _enter_framework_operation(hook, task, run)
     token = None if run.span is not None else _start_span(runtime, run, cap, sync, start - sent_at)
@@ -324,7 +332,8 @@ async def run_one(task: BackgroundTask, cap: Capture, sent_at: float, hook: Any 
         elif sync:
             await _run_sync(task, run, thread_started, clock)
         else:
-            await monitored(task.func(*task.args, **task.kwargs), run)
+            run.coro = coro = task.func(*task.args, **task.kwargs)
+            await monitored(coro, run)
     except BaseException as exc:
         error = exc
         outcome = _outcome_of(exc)
@@ -345,22 +354,23 @@ async def run_one(task: BackgroundTask, cap: Capture, sent_at: float, hook: Any 
         runtime.task_finished(name)
         if run.owns_span and run.span is not None:
             _end_span(runtime, run, token, outcome, error)
-        runtime.record(
-            TaskRecord(
-                name,
-                outcome,
-                sync,
-                end - ran_from,
-                start - sent_at,
-                thread_wait=(thread_started[0] - start) if thread_started else None,
-                error_type=run.error_type,
-                error_message=run.error_message,
-                trace_id=run.trace_id,
-                span_id=run.span_id,
-                loop_busy=run.busy,
-                loop_blocks=run.blocks,
-            )
+        record = TaskRecord(
+            name,
+            outcome,
+            sync,
+            end - ran_from,
+            start - sent_at,
+            thread_wait=(thread_started[0] - start) if thread_started else None,
+            error_type=run.error_type,
+            error_message=run.error_message,
+            trace_id=run.trace_id,
+            span_id=run.span_id,
+            loop_busy=run.busy,
+            loop_blocks=run.blocks,
         )
+        if run.hung:  # rare: reported as hung by the watchdog
+            record = record._replace(hung_reported=True)
+        runtime.record(record)
         if operation is not None:  # FastAPI's span ends after the task's record is made
             if error is None:
                 operation.__exit__(None, None, None)
@@ -389,7 +399,8 @@ async def _run_opaque(task: BackgroundTask, run: TaskRun) -> None:
     """A task with its own ``__call__``: awaited as Starlette would, inside the record."""
     token = recording_opaque.set(task)
     try:
-        await monitored(task(), run)
+        run.coro = coro = task()
+        await monitored(coro, run)
     finally:
         recording_opaque.reset(token)
 
@@ -410,10 +421,16 @@ async def _run_sync(
 
     def in_worker_thread() -> None:
         thread_started.append(clock())
-        result = func(*args, **kwargs)
+        run.thread = threading.get_ident()
+        try:
+            result = func(*args, **kwargs)
+        finally:
+            run.thread = 0  # done in the thread (0: no thread has this id)
         if inspect.isawaitable(result):  # kept off the backend (trio would raise on it)
             unawaited.append(result)
 
+    if run.runtime.telemetry.hung_after is not None:
+        start_watchdog(run.runtime)  # the hung check lives with the loop probe's watchdog
     await anyio.to_thread.run_sync(in_worker_thread)
     if unawaited:
         _flag_unawaited(unawaited[0], run)

@@ -30,7 +30,7 @@ from taskscope._version import __version__
 if TYPE_CHECKING:
     from opentelemetry.trace import Tracer
 
-    from taskscope._record import BlockRecord, TaskRecord
+    from taskscope._record import BlockRecord, HungRecord, TaskRecord
 
 _create_lock = threading.Lock()
 _default: Telemetry | None = None
@@ -89,9 +89,12 @@ class Runtime:
         self.logs: Any = None
         self._sinks: list[tuple[str, Any]] = []
         self._tracer: Tracer | None = None
-        self.inflight: dict[int, tuple[str, float]] = {}
+        # id(task) -> (name, start, run): start is None until the task starts; run (a
+        # TaskRun, or a queue worker's record of a run) is what the hung-task check reads.
+        self.inflight: dict[int, tuple[str, float | None, Any]] = {}
         self.exited = False
         self._inflight_lock = threading.Lock()
+        self.hung_lock = threading.Lock()
         self._setup_sinks()
         _exit_watch.add(self)
         for hook in tuple(runtime_created):  # taskscope.testing.capture() listens here
@@ -116,6 +119,13 @@ class Runtime:
         logger = t.logger if t.logger is not None else structlog.get_logger("taskscope")
         self.logs = LogEvents(logger)
         self._sinks.append(("logging", self.logs))
+        for signal, sink in self._sinks:  # the oldest-running gauge reads our tasks in flight
+            watch = getattr(sink, "watch", None)
+            if watch is not None:
+                try:
+                    watch(self)
+                except Exception:
+                    self.absorb(signal)
         # The sinks that count (all but logging), for the per-task hot path.
         self._metric_sinks = [(s, sink) for s, sink in self._sinks if s != "logging"]
 
@@ -188,6 +198,39 @@ class Runtime:
             except Exception:
                 self.absorb(signal)
 
+    def hung_detected(self, hung: HungRecord) -> None:
+        for signal, sink in self._sinks:
+            try:
+                report = getattr(sink, "hung_detected", None)  # optional for user sinks
+                if report is not None:
+                    report(hung)
+            except Exception:
+                self.absorb(signal)
+
+    def oldest_running(self) -> dict[str, float]:
+        """Age (seconds) of the oldest running task per task name (scrape time, off the
+        hot path: one copy of the in-flight entries)."""
+        entries = self.inflight.copy()
+        if not entries:
+            return {}
+        now = self.telemetry.clock()
+        ages: dict[str, float] = {}
+        for name, start, _ in entries.values():
+            if start is not None:
+                age = max(0.0, now - start)
+                if age > ages.get(name, -1.0):
+                    ages[name] = age
+        return ages
+
+    def refresh_oldest(self) -> None:
+        """Multiprocess Prometheus: write the oldest-running gauge (the watchdog's scan)."""
+        refresh = getattr(self.prometheus, "refresh_oldest", None)
+        if refresh is not None:
+            try:
+                refresh()
+            except Exception:
+                self.absorb("prometheus")
+
     def lag(self, seconds: float) -> None:
         for signal, sink in self._metric_sinks:
             try:
@@ -228,9 +271,9 @@ class Runtime:
                 self.absorb("logging")
 
     # -- accounting of tasks not yet ended ------------------------------------------------
-    def track(self, key: int, name: str, start: float) -> None:
+    def track(self, key: int, name: str, start: float | None, run: Any = None) -> None:
         # Single dict operations are atomic under the GIL: no lock on the hot path.
-        self.inflight[key] = (name, start)
+        self.inflight[key] = (name, start, run)
 
     def untrack(self, key: int) -> None:
         self.inflight.pop(key, None)
@@ -245,10 +288,11 @@ class Runtime:
             self.exited = True  # tasks that end from now on were counted here
         now = self.telemetry.clock()
         names: Counter[str] = Counter()
-        for name, start in pending:
+        for name, start, run in pending:
             names[name] += 1
-            duration = max(0.0, now - start) if start else 0.0
-            record = TaskRecord(name, "abandoned", False, duration, None)
+            duration = max(0.0, now - start) if start is not None else 0.0
+            hung = getattr(run, "hung", 0) > 0
+            record = TaskRecord(name, "abandoned", False, duration, None, hung_reported=hung)
             for signal, sink in self._sinks:
                 if signal == "logging":
                     continue  # one summary line below, not one line per task

@@ -53,7 +53,8 @@ def task_label(task_name: str) -> str:
 
 class _Running:
     __slots__ = (
-        "error", "name", "retried", "span", "span_id", "start", "token", "trace_id", "wait",
+        "coro", "error", "hung", "name", "retried", "span", "span_id", "start", "thread",
+        "token", "trace_id", "wait",
     )  # fmt: skip
 
     def __init__(self, name: str, wait: float | None) -> None:
@@ -66,6 +67,21 @@ class _Running:
         self.span_id: str | None = None
         self.error: BaseException | None = None
         self.retried = False
+        # Read by the hung-task check (taskscope._hung): the coroutine of the worker's task
+        # running this one (its await chain leads to the task's own code); hung: reports.
+        self.coro: Any = None
+        self.thread: int | None = None
+        self.hung = 0
+
+
+def _current_coroutine() -> Any:
+    """The coroutine of the asyncio task calling ``pre_execute``: taskiq's receiver awaits
+    the task's function in that same task, so the hung-task check can follow it there."""
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # no running loop
+        return None
+    return task.get_coro() if task is not None else None
 
 
 class TaskscopeMiddleware(TaskiqMiddleware):
@@ -171,8 +187,9 @@ class TaskscopeMiddleware(TaskiqMiddleware):
         )
         run.trace_id, run.span_id = messages.span_ids(run.span)
         run.start = runtime.telemetry.clock()
+        run.coro = _current_coroutine()
         self._running[message.task_id] = run
-        runtime.track(id(run), run.name, run.start)
+        runtime.track(id(run), run.name, run.start, run)
         runtime.task_started(run.name)
         return message
 
@@ -217,6 +234,7 @@ class TaskscopeMiddleware(TaskiqMiddleware):
                 error_message=error_message,
                 trace_id=run.trace_id,
                 span_id=run.span_id,
+                hung_reported=run.hung > 0,
             )
         )
 

@@ -1,10 +1,11 @@
 """Test helpers: see what background tasks recorded; fail tests whose tasks blocked the loop.
 
 ``capture()`` collects the records taskscope produced (every task's :class:`TaskRecord`,
-every blocking step's :class:`BlockRecord`). ``assert_no_blocking()`` raises when a task
-blocked the event loop. As a pytest plugin (``pytest_plugins = ["taskscope.testing"]``),
-the ``taskscope_guard`` fixture gives a fresh :class:`Telemetry` and fails the test when
-one of its background tasks blocked the loop or failed, naming the task and the line.
+every blocking step's :class:`BlockRecord`, every hung-task report's :class:`HungRecord`).
+``assert_no_blocking()`` raises when a task blocked the event loop. As a pytest plugin
+(``pytest_plugins = ["taskscope.testing"]``), the ``taskscope_guard`` fixture gives a fresh
+:class:`Telemetry` and fails the test when one of its background tasks blocked the loop or
+failed, naming the task and the line.
 
 These cover background tasks run through taskscope (its ``BackgroundTasks`` or an
 instrumented app); blocks are the steps longer than the Telemetry's ``block_threshold``.
@@ -17,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING, Any
 
-from taskscope._record import BlockRecord, TaskRecord
+from taskscope._record import BlockRecord, HungRecord, TaskRecord
 from taskscope._runtime import _exit_watch, runtime_created, runtime_of
 
 if TYPE_CHECKING:
@@ -37,6 +38,8 @@ class Captured:
         """One per step that blocked the loop, when the step ended (full duration)."""
         self.detections: list[BlockRecord] = []
         """The watchdog's reports while a block was still running (``ongoing=True``)."""
+        self.hung: list[HungRecord] = []
+        """One per report of a task running past ``hung_after`` (``task.hung``)."""
         self._lock = threading.Lock()
 
     def failures(self) -> list[TaskRecord]:
@@ -68,6 +71,7 @@ class Captured:
             self.tasks.clear()
             self.blocks.clear()
             self.detections.clear()
+            self.hung.clear()
 
     # -- the sink interface of taskscope's runtime ---------------------------------------
     def task_started(self, name: str) -> None:
@@ -88,6 +92,10 @@ class Captured:
     def block_ended(self, block: BlockRecord) -> None:
         with self._lock:
             self.blocks.append(block)
+
+    def hung_detected(self, hung: HungRecord) -> None:
+        with self._lock:
+            self.hung.append(hung)
 
     def lag(self, seconds: float) -> None:
         pass

@@ -23,6 +23,8 @@ class FamilySpec(NamedTuple):
     documentation: str
     labels: tuple[str, ...]
     buckets: tuple[float, ...] = ()
+    multiprocess_mode: Literal["livesum", "livemax"] = "livesum"
+    """Gauges: how prometheus_client merges the processes' values."""
 
 
 FAMILIES = (
@@ -55,6 +57,11 @@ FAMILIES = (
         "in_progress", "gauge", "taskscope_tasks_in_progress",
         "Background tasks running now.",
         ("task",),
+    ),
+    FamilySpec(
+        "oldest_running", "gauge", "taskscope_task_oldest_running_seconds",
+        "Age of the oldest running task of each name (0: none running); hung tasks show here.",
+        ("task",), (), "livemax",
     ),
     FamilySpec(
         "loop_lag", "histogram", "taskscope_event_loop_lag_seconds",

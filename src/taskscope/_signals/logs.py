@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from taskscope._record import BlockRecord, TaskRecord
+from taskscope._record import BlockRecord, HungRecord, TaskRecord
 from taskscope._safe import safe_text
 
 
@@ -31,6 +31,17 @@ class LogEvents:
                 error_type=safe_text(record.error_type or ""),
                 error=safe_text(record.error_message or ""),
                 sync=record.sync,
+                hung_reported=record.hung_reported,
+                **_ids(record.trace_id, record.span_id),
+            )
+        elif record.hung_reported:
+            # The end of a task that was reported as hung (``task.hung``).
+            self._logger.info(
+                "task.hung_ended",
+                task=record.name,
+                outcome=record.outcome,
+                duration_s=round(record.duration, 6),
+                hung_reported=True,
                 **_ids(record.trace_id, record.span_id),
             )
         elif record.outcome == "skipped":
@@ -71,6 +82,18 @@ class LogEvents:
             stack=safe_text("\n".join(block.stack)),
             sampled=block.sampled,
             **_ids(block.trace_id, block.span_id),
+        )
+
+    def hung_detected(self, hung: HungRecord) -> None:
+        self._logger.warning(
+            "task.hung",
+            task=hung.task,
+            age_s=round(hung.age, 3),
+            sync=hung.sync,
+            location=hung.location,
+            stack="\n".join(hung.stack),  # a string: structlog reserves "stack" (see above)
+            report=hung.report,
+            **_ids(hung.trace_id, hung.span_id),
         )
 
     def block_ended(self, block: BlockRecord) -> None:

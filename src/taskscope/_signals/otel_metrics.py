@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import weakref
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from opentelemetry.metrics import CallbackOptions, Observation
 
 from taskscope._record import NOT_RUN_OUTCOMES, BlockRecord, TaskRecord
 from taskscope._signals._buckets import BLOCK_SECONDS, LAG_SECONDS, TASK_SECONDS
@@ -19,6 +23,7 @@ OTEL_NAMES = {
     "taskscope_task_wait_seconds": "taskscope.task.wait",
     "taskscope_task_thread_wait_seconds": "taskscope.task.thread_wait",
     "taskscope_tasks_in_progress": "taskscope.tasks.in_progress",
+    "taskscope_task_oldest_running_seconds": "taskscope.task.oldest_running",
     "taskscope_event_loop_lag_seconds": "taskscope.event_loop.lag",
     "taskscope_task_loop_blocks_total": "taskscope.task.loop_blocks",
     "taskscope_task_loop_block_seconds": "taskscope.task.loop_block.duration",
@@ -60,6 +65,14 @@ class OtelMetrics:
         self.in_progress = meter.create_up_down_counter(
             n["taskscope_tasks_in_progress"], "{task}", "Background tasks running now."
         )
+        self._sources: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._seen: set[str] = set()
+        self.oldest_running = meter.create_observable_gauge(
+            n["taskscope_task_oldest_running_seconds"],
+            callbacks=[self._observe_oldest],
+            unit="s",
+            description="Age of the oldest running task of each name (0: none running).",
+        )
         self.lag_histogram = meter.create_histogram(
             n["taskscope_event_loop_lag_seconds"],
             "s",
@@ -81,6 +94,23 @@ class OtelMetrics:
         self.warnings = meter.create_counter(
             n["taskscope_task_warnings_total"], "{warning}", "Misuse flagged by taskscope."
         )
+
+    def watch(self, runtime: Any) -> None:
+        """Read ``runtime``'s tasks in flight, at collection, for the oldest-running gauge."""
+        self._sources.add(runtime)
+
+    def _observe_oldest(self, options: CallbackOptions) -> Iterable[Observation]:
+        ages: dict[str, float] = {}
+        for runtime in list(self._sources):
+            try:
+                found = runtime.oldest_running()
+            except Exception:  # a failing clock must not fail the collection
+                runtime.absorb("otel_metrics")
+                continue
+            for name, age in found.items():
+                ages[name] = max(age, ages.get(name, 0.0))
+        self._seen.update(ages)
+        return [Observation(ages.get(name, 0.0), {"task": name}) for name in sorted(self._seen)]
 
     def task_started(self, name: str) -> None:
         self.in_progress.add(1, {"task": name})

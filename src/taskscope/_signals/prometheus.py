@@ -26,6 +26,7 @@ METRIC_NAMES = (
     "taskscope_task_wait_seconds",
     "taskscope_task_thread_wait_seconds",
     "taskscope_tasks_in_progress",
+    "taskscope_task_oldest_running_seconds",
     "taskscope_event_loop_lag_seconds",
     "taskscope_task_loop_blocks_total",
     "taskscope_task_loop_block_seconds",
@@ -65,6 +66,7 @@ class PrometheusMetrics:
     wait: Histogram
     thread_wait: Histogram
     in_progress: Gauge
+    oldest_running: Gauge
     loop_lag: Histogram
     loop_blocks: Counter
     loop_block_seconds: Histogram
@@ -90,7 +92,7 @@ class PrometheusMetrics:
                     spec.name,
                     spec.documentation,
                     spec.labels,
-                    multiprocess_mode="livesum",
+                    multiprocess_mode=spec.multiprocess_mode,
                     registry=registry,
                 )
             setattr(self, spec.attribute, metric)
@@ -98,6 +100,23 @@ class PrometheusMetrics:
             self.instrumentation_errors.labels(signal=signal)
         self._by_name: dict[str, _NameChildren] = {}
         self._by_outcome: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._sources: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    def watch(self, runtime: Any) -> None:
+        """Read ``runtime``'s tasks in flight for the oldest-running gauge."""
+        self._sources.add(runtime)
+
+    def refresh_oldest(self) -> None:
+        """Set the oldest-running gauge from the tasks in flight (the watchdog's scan:
+        in multiprocess mode the values must be written by each process, not at scrape)."""
+        ages: dict[str, float] = {}
+        for runtime in list(self._sources):
+            for name, age in runtime.oldest_running().items():
+                ages[name] = max(age, ages.get(name, 0.0))
+        for name in list(self._by_name):
+            self.oldest_running.labels(task=name).set(ages.pop(name, 0.0))
+        for name, age in ages.items():
+            self.oldest_running.labels(task=name).set(age)
 
     # Labelled children are cached: ``labels()`` costs about 1 us (sorting, locking) and
     # runs several times per task. Both caches are bounded like the label values
@@ -188,6 +207,7 @@ class _NameChildren:
         self._metrics = metrics
         self._name = name
         self.in_progress = metrics.in_progress.labels(task=name)
+        metrics.oldest_running.labels(task=name)  # 0 until the watchdog sets it
         self._wait: Any = None
         self._thread_wait: Any = None
         self._loop_busy: Any = None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -144,6 +145,7 @@ class FastMetrics:
     wait: _HistogramFamily
     thread_wait: _HistogramFamily
     in_progress: _GaugeFamily
+    oldest_running: _GaugeFamily
     loop_lag: _HistogramFamily
     loop_blocks: _CounterFamily
     loop_block_seconds: _HistogramFamily
@@ -170,7 +172,12 @@ class FastMetrics:
         for signal in SIGNALS:  # zero from the first scrape, so rate() works
             self.instrumentation_errors.values[(signal,)] = 0.0
         self._seen: set[str] = set()
+        self._sources: weakref.WeakSet[Any] = weakref.WeakSet()
         registry.register(self)  # raises if the names are taken: the sink is then off
+
+    def watch(self, runtime: Any) -> None:
+        """Read ``runtime``'s tasks in flight, at scrape time, for the oldest-running gauge."""
+        self._sources.add(runtime)
 
     def _see(self, name: str) -> None:
         """Create the alerting series of a new task name at zero (call with the lock)."""
@@ -190,6 +197,20 @@ class FastMetrics:
         return [kinds[type(f)](f.name, f.documentation) for f in self._families]
 
     def collect(self) -> Iterator[Metric]:
+        ages: dict[Key, float] = {}
+        for runtime in list(self._sources):  # outside the lock: the tasks' clocks
+            try:
+                found = runtime.oldest_running()
+            except Exception:  # a failing clock must not fail the scrape
+                runtime.absorb("prometheus")
+                continue
+            for name, age in found.items():
+                ages[(name,)] = max(age, ages.get((name,), 0.0))
+        with self._lock:
+            # Every name that ever ran: 0 when none runs now (an alert's series persists).
+            self.oldest_running.values = {
+                key: ages.get(key, 0.0) for key in (*self.in_progress.values, *ages)
+            }
         # One family at a time: its values are copied under the lock (a C-level copy of a
         # dict, ~0.1 ms per 1,000 series), its metric objects built outside it. Building
         # them all under the lock held every task's record() on the event loop for the

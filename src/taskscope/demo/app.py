@@ -9,14 +9,20 @@ instead of FastAPI. Around it, on purpose:
 * ``POST /reports/{id}`` renders a report in a slow sync task: a burst of them queues
   for the (deliberately small) threadpool;
 * ``POST /thumbnails/{id}`` runs an ``async def`` task that calls a blocking function,
-  holding the event loop for 150 ms.
+  holding the event loop for 150 ms;
+* ``POST /orders/{id}`` tells a partner API about the order, and that upstream is dead: it
+  accepts the connection and never answers, and the task has no timeout. It hangs, and
+  taskscope reports it (``task.hung``) with the line it waits at.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
+import socket
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -24,13 +30,16 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import anyio.to_thread
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, Request
 from starlette.routing import Route
 
 from taskscope import BackgroundTasks, Telemetry, instrument_app, start_loop_probe
 
 DEMO_THREADS = 4
 """Worker threads for sync code (anyio's default is 40): small, so thread waits show."""
+
+DEMO_HUNG_AFTER = 3.0
+"""The demo reports hung tasks after 3 s (the default is 60 s), so one shows in a short run."""
 
 LOG_FILE = Path(tempfile.gettempdir()) / "taskscope-demo-log.txt"
 
@@ -67,6 +76,58 @@ async def resize_thumbnail(image_id: int) -> None:
     await asyncio.sleep(0.01)
 
 
+async def sync_with_partner(order_id: int, partner: tuple[str, int]) -> None:
+    """Posts the order to a partner API, with no timeout; the partner never answers."""
+    reader, writer = await asyncio.open_connection(*partner)
+    try:
+        writer.write(f"POST /orders/{order_id} HTTP/1.1\r\nHost: partner\r\n\r\n".encode())
+        await writer.drain()
+        await reader.readline()  # <- HANGS: the upstream never answers (and no timeout)
+    finally:
+        writer.close()
+
+
+class DeadUpstream:
+    """A partner API on 127.0.0.1 that accepts connections and never answers.
+
+    :meth:`close` (the demo's end) hangs up on every caller, so the hung tasks end
+    rather than holding the server's shutdown.
+    """
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.1)
+        host, port = self._listener.getsockname()[:2]
+        self.address: tuple[str, int] = (host, port)
+        self._held: list[socket.socket] = []
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._accept, name="demo-upstream", daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._closed.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self._held.append(conn)
+
+    def close(self) -> None:
+        self._closed.set()
+        self._thread.join(timeout=2)
+        self._listener.close()
+        for conn in self._held:
+            with contextlib.suppress(OSError):
+                conn.setblocking(False)
+                with contextlib.suppress(BlockingIOError):
+                    while conn.recv(65536):  # read the request: closing then sends no RST
+                        pass
+                conn.shutdown(socket.SHUT_WR)  # end of stream: the caller's read returns
+            conn.close()
+
+
 # -- the app -----------------------------------------------------------------------------
 def get_query(background_tasks: BackgroundTasks, q: str | None = None) -> str | None:
     if q:
@@ -91,6 +152,7 @@ def create_app(
         yield
 
     app = FastAPI(title="taskscope demo", lifespan=lifespan)
+    app.state.partner = DeadUpstream()  # closed by the demo's end (app.state.partner.close())
 
     @app.post("/send-notification/{email}")
     async def send_notification(
@@ -115,6 +177,13 @@ def create_app(
     async def make_thumbnail(image_id: int, background_tasks: BackgroundTasks) -> dict[str, str]:
         background_tasks.add_task(resize_thumbnail, image_id)
         return {"message": "Thumbnail queued"}
+
+    @app.post("/orders/{order_id}")
+    async def place_order(
+        order_id: int, request: Request, background_tasks: BackgroundTasks
+    ) -> dict[str, str]:
+        background_tasks.add_task(sync_with_partner, order_id, request.app.state.partner.address)
+        return {"message": "Order placed"}
 
     if metrics_app is not None:
         app.router.routes.append(Route("/metrics", _Endpoint(metrics_app), include_in_schema=False))

@@ -177,6 +177,7 @@ def run(args: argparse.Namespace) -> int:
         meter_provider=otlp.meter_provider,
         otel_metrics=otlp.meter_provider is not None,
         span_mode="child" if otlp.tracer_provider is not None else "off",
+        hung_after=demo_app.DEMO_HUNG_AFTER,
     )
     demo_app.LOG_FILE.write_text("")
     scale = None
@@ -233,6 +234,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         stop_load.set()
         _join(load_thread, 6)
+        app.state.partner.close()  # the dead upstream hangs up: the hung task ends
         server.stop()
         if scale is not None:
             scale.stop()

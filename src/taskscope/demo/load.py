@@ -1,8 +1,9 @@
 """A small, bounded load generator (raw HTTP/1.1 on asyncio; no extra dependency).
 
 Traffic: ``rate`` notification requests per second, a burst of report exports every two
-seconds (more at once than the demo has worker threads) and about one thumbnail per
-second. Concurrency is capped; requests go only to the demo's own address.
+seconds (more at once than the demo has worker threads), about one thumbnail per
+second, and one order at the start (its task hangs on a dead upstream). Concurrency is
+capped; requests go only to the demo's own address.
 """
 
 from __future__ import annotations
@@ -116,6 +117,11 @@ async def run_load(
 
     cycle = plan(rate)
     begin = time.perf_counter()
+    await limit.acquire()
+    stats.sent += 1
+    first_order = asyncio.create_task(one("/orders/1"))
+    pending.add(first_order)
+    first_order.add_done_callback(pending.discard)
     for round_number in itertools.count():
         base = begin + round_number * REPORT_EVERY
         for offset, path in cycle:

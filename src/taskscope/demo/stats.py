@@ -244,11 +244,16 @@ class EventLog:
         self.blocks: deque[Block] = deque(maxlen=keep)
         self.counts: dict[str, int] = {}
         self.block_sites_seen: dict[tuple[str, str], tuple[int, float]] = {}
+        self.hung: dict[str, tuple[float, str]] = {}
+        """Latest ``task.hung`` report per task: (seconds running, where it waits)."""
         self._lock = threading.Lock()
 
     def _event(self, event: str, fields: dict[str, Any]) -> None:
         with self._lock:
             self.counts[event] = self.counts.get(event, 0) + 1
+            if event == "task.hung":
+                age = float(fields.get("age_s") or 0.0)
+                self.hung[str(fields.get("task"))] = (age, str(fields.get("location")))
             finished = event == "task.loop_unblocked" or (
                 event == "task.loop_blocked" and not fields.get("ongoing")
             )

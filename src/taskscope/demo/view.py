@@ -138,6 +138,11 @@ def findings(window: Window, events: EventLog, threads: int) -> list[str]:
                 f"THREADS  {name}: waited for a worker thread (p95 {seconds(p95)}; "
                 f"the demo has {threads} threads)"
             )
+    for task_name, (age, location) in sorted(events.hung.items()):
+        lines.append(
+            f"HUNG     {short(task_name)}: still running after {seconds(age)}, "
+            f"waiting at {where(location)}"
+        )
     for task_name, location, count, mean in events.block_sites():
         lines.append(
             f"BLOCKED  {short(task_name)}: held the event loop {plural(count, 'time')} "
