@@ -231,7 +231,9 @@ def test_otlp_endpoint_gets_the_task_spans_and_metrics(tmp_path: Path) -> None:
     blocked = [event for span in spans for event in span.events if event.name == "loop.blocked"]
     line = marker_line("BLOCKS THE EVENT LOOP")
     assert any(
-        str(attributes(e.attributes)["code.location"]).endswith(f"app.py:{line}") for e in blocked
+        str(attributes(e.attributes)["code.file.path"]).endswith("app.py")
+        and attributes(e.attributes)["code.line.number"] == line
+        for e in blocked
     )
     assert points
 

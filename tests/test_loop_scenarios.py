@@ -77,8 +77,11 @@ def assert_one_block(
     (span,) = [s for s in obs.task_spans() if s.name == f"background_task {name}"]
     (span_event,) = [e for e in span.events if e.name == "loop.blocked"]
     assert span_event.attributes is not None
-    assert span_event.attributes["code.location"] == event["location"]
-    assert float(str(span_event.attributes["taskscope.block.duration_s"])) >= duration
+    path, _, line = str(event["location"]).rpartition(":")
+    assert span_event.attributes["code.file.path"] == path
+    assert span_event.attributes["code.line.number"] == int(line)
+    assert "code.location" not in span_event.attributes  # the older convention
+    assert float(str(span_event.attributes["taskscope.block.duration"])) >= duration
     return event
 
 

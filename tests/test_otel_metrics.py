@@ -32,7 +32,7 @@ def _metrics(observed: Observed) -> dict[str, Any]:
 
 
 async def test_otel_metrics_mirror_prometheus(observed: Observed) -> None:
-    """taskscope.tasks / .task.duration / .task.failures carry task, outcome, error_type."""
+    """taskscope.tasks / .task.duration / .task.failures carry task, outcome, error.type."""
     tasks = BackgroundTasks(telemetry=observed.telemetry)
     tasks.add_task(ok)
     tasks.add_task(bad)
@@ -54,7 +54,7 @@ async def test_otel_metrics_mirror_prometheus(observed: Observed) -> None:
     point = duration.data.data_points[0]
     assert tuple(point.explicit_bounds) == TASK_SECONDS
     (failure,) = metrics["taskscope.task.failures"].data.data_points
-    assert failure.attributes["error_type"] == "OSError"
+    assert failure.attributes["error.type"] == "OSError"  # the semantic-convention name
     assert "taskscope.tasks.in_progress" in metrics
 
 

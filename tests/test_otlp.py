@@ -136,7 +136,7 @@ def test_spans_and_metrics_arrive(receiver: OtlpReceiver, registry: CollectorReg
         assert metric.unit == "s"
         assert tuple(point.explicit_bounds) == LAG_SECONDS
     failures = receiver.metric_points("taskscope.task.failures")
-    assert [attributes(p.attributes)["error_type"] for _, p in failures] == ["ValueError"]
+    assert [attributes(p.attributes)["error.type"] for _, p in failures] == ["ValueError"]
     assert (
         registry.get_sample_value("taskscope_otlp_export_failures_total", {"signal": "traces"}) == 0
     )

@@ -59,7 +59,8 @@ def test_failing_task_in_the_middle(continue_on_error: bool) -> None:
     with TestClient(_app(endpoint), raise_server_exceptions=False) as client:
         assert client.get("/").status_code == 200
     outcomes = _by_outcome(obs)
-    assert obs.value("taskscope_task_failures_total", task=_name(fail), error_type="Boom") == 1
+    boom = "tests.test_reliability_inprocess.Boom"  # the same form as the span's error.type
+    assert obs.value("taskscope_task_failures_total", task=_name(fail), error_type=boom) == 1
     assert len(obs.logs.named("task.failed")) == 1
     if continue_on_error:
         assert ran == [1, 2, 4, 5]

@@ -21,6 +21,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from taskscope._record import HungRecord
+from taskscope._safe import code_location_attributes, safe_text
 from taskscope._stepping import _APP, _PathKinds
 
 if TYPE_CHECKING:
@@ -107,15 +108,11 @@ def _report(runtime: Runtime, run: TaskRun, age: float, step: int) -> None:
     if span is not None:
         try:
             attributes: dict[str, Any] = {
-                "taskscope.task.age_s": age,
+                "taskscope.task.age": age,  # seconds
                 "taskscope.hung.report": step,
-                "code.location": location,
-                "taskscope.hung.stack": list(stack),
+                **code_location_attributes(location),
+                "taskscope.hung.stack": [safe_text(line) for line in stack],
             }
-            file, _, line = location.rpartition(":")
-            if file and line.isdigit():
-                attributes["code.file.path"] = file
-                attributes["code.line.number"] = int(line)
             span.add_event("task.hung", attributes)
         except Exception:
             runtime.absorb("tracing")

@@ -22,7 +22,7 @@ from taskscope._naming import _NAME_ATTRIBUTE, callable_name
 from taskscope._probe import monitored, start_watchdog
 from taskscope._record import Outcome, TaskRecord
 from taskscope._runtime import Runtime, current_telemetry, resolve, runtime_of
-from taskscope._safe import qualified_type_name, safe_message, safe_stacktrace, type_name
+from taskscope._safe import qualified_type_name, safe_message, safe_stacktrace
 from taskscope._task_kinds import Kind, framework_hook, framework_operation, is_sync, kind_of
 
 if TYPE_CHECKING:
@@ -337,7 +337,7 @@ async def run_one(task: BackgroundTask, cap: Capture, sent_at: float, hook: Any 
     except BaseException as exc:
         error = exc
         outcome = _outcome_of(exc)
-        run.error_type = type_name(exc)
+        run.error_type = qualified_type_name(exc)  # one form everywhere: span, label, log
         run.error_message = safe_message(exc, telemetry)
         raise
     finally:
@@ -511,7 +511,7 @@ def _end_span(
     try:
         span.set_attribute("taskscope.task.outcome", outcome)
         if error is not None and outcome == "failure":
-            qualified = qualified_type_name(error)
+            qualified = run.error_type or qualified_type_name(error)
             span.set_attribute("error.type", qualified)
             span.add_event(
                 "exception",

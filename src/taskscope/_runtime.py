@@ -142,9 +142,10 @@ class Runtime:
     def absorb(self, signal: str) -> None:
         """Count an error inside taskscope's own instrumentation (never raised)."""
         self.absorbed_errors += 1
-        if self.prometheus is not None and signal != "prometheus":
-            with contextlib.suppress(Exception):  # counted above; nothing more to do
-                self.prometheus.instrumentation_error(signal)
+        for name, sink in (("prometheus", self.prometheus), ("otel_metrics", self.otel_metrics)):
+            if sink is not None and signal != name:
+                with contextlib.suppress(Exception):  # counted above; nothing more to do
+                    sink.instrumentation_error(signal)
 
     def task_started(self, name: str) -> None:
         for signal, sink in self._metric_sinks:

@@ -246,3 +246,15 @@ def _format_one(exc: BaseException, lines: list[str]) -> None:
     if isinstance(notes, (list, tuple)):
         for note in notes[:MAX_CHAIN]:
             lines.append(f"{safe_text(note)}\n")
+
+
+def code_location_attributes(location: str) -> dict[str, str | int]:
+    """``path:line`` as the semantic-convention attributes ``code.file.path`` and
+    ``code.line.number`` (the path made encodable); ``{}`` for anything else."""
+    try:
+        path, _, line = location.rpartition(":")
+        if path and line.isdigit():
+            return {"code.file.path": safe_text(path), "code.line.number": int(line)}
+    except Exception:  # noqa: S110 - a location is text taskscope built: nothing to record
+        pass
+    return {}

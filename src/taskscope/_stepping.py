@@ -19,7 +19,7 @@ from collections.abc import Generator
 from typing import TYPE_CHECKING, Any, Protocol
 
 from taskscope._record import BlockRecord
-from taskscope._safe import safe_text
+from taskscope._safe import code_location_attributes, safe_text
 
 if TYPE_CHECKING:
     from types import FrameType
@@ -166,9 +166,9 @@ def _add_span_event(run: TaskRun, block: BlockRecord) -> None:
         span.add_event(
             "loop.blocked",
             {
-                "taskscope.block.duration_s": block.duration,
+                "taskscope.block.duration": block.duration,  # seconds
                 # file paths can hold lone surrogates (undecodable bytes): escaped
-                "code.location": safe_text(block.location),
+                **code_location_attributes(block.location),
                 "taskscope.block.sampled": block.sampled,
                 "taskscope.block.stack": [safe_text(line) for line in block.stack],
             },

@@ -26,9 +26,10 @@ OTEL_NAMES = {
     "taskscope_task_oldest_running_seconds": "taskscope.task.oldest_running",
     "taskscope_event_loop_lag_seconds": "taskscope.event_loop.lag",
     "taskscope_task_loop_blocks_total": "taskscope.task.loop_blocks",
-    "taskscope_task_loop_block_seconds": "taskscope.task.loop_block.duration",
+    "taskscope_task_loop_block_seconds": "taskscope.task.loop_block",
     "taskscope_task_loop_busy_seconds_total": "taskscope.task.loop_busy",
     "taskscope_task_warnings_total": "taskscope.task.warnings",
+    "taskscope_instrumentation_errors_total": "taskscope.instrumentation.errors",
 }
 
 
@@ -91,6 +92,11 @@ class OtelMetrics:
         self.loop_busy = meter.create_counter(
             n["taskscope_task_loop_busy_seconds_total"], "s", "Seconds tasks held the loop."
         )
+        self.instrumentation_errors = meter.create_counter(
+            n["taskscope_instrumentation_errors_total"],
+            "{error}",
+            "Errors inside taskscope's own instrumentation, absorbed (never raised).",
+        )
         self.warnings = meter.create_counter(
             n["taskscope_task_warnings_total"], "{warning}", "Misuse flagged by taskscope."
         )
@@ -129,7 +135,7 @@ class OtelMetrics:
         if record.thread_wait is not None:
             self.thread_wait.record(record.thread_wait, {"task": name})
         if record.outcome == "failure":
-            self.failures.add(1, {"task": name, "error_type": record.error_type or "Exception"})
+            self.failures.add(1, {"task": name, "error.type": record.error_type or "Exception"})
         if record.loop_busy > 0.0:
             self.loop_busy.add(record.loop_busy, {"task": name})
 
@@ -144,3 +150,6 @@ class OtelMetrics:
 
     def warning(self, name: str, kind: str) -> None:
         self.warnings.add(1, {"task": name, "kind": kind})
+
+    def instrumentation_error(self, signal: str) -> None:
+        self.instrumentation_errors.add(1, {"signal": signal})

@@ -1,0 +1,92 @@
+"""OTel metric names become, through the usual OTLP -> Prometheus translation, exactly the
+names the dashboard and alert rules query: OTLP-only users see the same panels."""
+
+from __future__ import annotations
+
+import re
+
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from prometheus_client import CollectorRegistry
+
+from taskscope._signals.otel_metrics import OTEL_NAMES, OtelMetrics
+from taskscope._signals.prometheus_fast import FastMetrics
+
+# The unit suffixes of the OpenTelemetry -> Prometheus compatibility specification that
+# taskscope's units use; annotations in braces ({task}) add no suffix.
+UNIT_SUFFIXES = {"s": "seconds"}
+
+
+def translate(name: str, unit: str, monotonic_sum: bool) -> str:
+    """The Prometheus name an OTLP metric gets (collector's prometheus exporter and
+    Prometheus's own OTLP receiver, with suffixes on: the defaults)."""
+    translated = re.sub(r"[^a-zA-Z0-9_:]", "_", name)
+    suffix = UNIT_SUFFIXES.get(unit, "")
+    if suffix and not translated.endswith("_" + suffix):
+        translated += "_" + suffix
+    if monotonic_sum and not translated.endswith("_total"):
+        translated += "_total"
+    return translated
+
+
+class _OneRunning:
+    """What the oldest-running gauge reads from a runtime: one task running for 2 s."""
+
+    def oldest_running(self) -> dict[str, float]:
+        return {"app.send": 2.0}
+
+    def absorb(self, signal: str) -> None:
+        raise AssertionError(signal)
+
+
+def test_every_otel_metric_translates_to_its_prometheus_name() -> None:
+    """Each OTel instrument, as the SDK exports it, maps back to the Prometheus family."""
+    reader = InMemoryMetricReader()
+    metrics = OtelMetrics(MeterProvider(metric_readers=[reader]))
+    metrics.task_started("app.send")
+    running = _OneRunning()  # held: the sink keeps its sources weakly
+    metrics.watch(running)
+    metrics.instrumentation_error("tracing")
+    metrics.warning("app.send", "too_many_tasks")
+    from taskscope._record import BlockRecord, TaskRecord
+
+    metrics.record(
+        TaskRecord(
+            "app.send",
+            "failure",
+            True,
+            0.1,
+            0.0,
+            thread_wait=0.01,
+            error_type="ValueError",
+            loop_busy=0.1,
+        )
+    )
+    block = BlockRecord("app.send", 0.2, "app.py:1", (), True, False, None, None)
+    metrics.block_detected(block)
+    metrics.block_ended(block)
+    metrics.lag(0.001)
+    data = reader.get_metrics_data()
+    assert data is not None
+    exported = {
+        metric.name: metric
+        for resource in data.resource_metrics
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+    }
+    by_otel = {otel: prom for prom, otel in OTEL_NAMES.items()}
+    assert set(exported) == set(by_otel)  # every family has its OTel copy, nothing extra
+    for name, metric in exported.items():
+        monotonic = bool(getattr(metric.data, "is_monotonic", False))
+        assert translate(name, metric.unit or "", monotonic) == by_otel[name], name
+
+
+def test_every_prometheus_family_has_an_otel_copy() -> None:
+    """The catalogue of the Prometheus families and the OTel names agree both ways."""
+    registry = CollectorRegistry()
+    FastMetrics(registry)
+    families = {
+        metric.name + ("_total" if metric.type == "counter" else "")
+        for metric in registry.collect()
+    }
+    assert families == set(OTEL_NAMES)
