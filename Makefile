@@ -1,7 +1,9 @@
-.PHONY: demo test bench
+.PHONY: demo test check bench
 demo:  ## run the instrumented demo app with a live view
 	scripts/demo $(ARGS)
-test:  ## the whole test suite (sets itself up)
+test:  ## the whole test suite (sets itself up); what CI runs
 	scripts/test $(ARGS)
+check:  ## the fast tier for the inner loop: lint, types, tests without real servers or processes
+	scripts/check $(ARGS)
 bench:  ## benchmarks against plain Starlette (ratios)
 	scripts/setup-venv && .venv/bin/python bench/run_all.py

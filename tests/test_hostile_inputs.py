@@ -159,13 +159,14 @@ def test_error_types_are_bounded_and_the_overflow_counted() -> None:
         for s in m.samples
         if s.name.endswith("_total")
     }
-    assert series == {**{f"Error{i}": 1.0 for i in range(5)}, "__other__": 25.0}
+    prefix = "tests.test_hostile_inputs."  # module.QualName, the form of the span's error.type
+    assert series == {**{f"{prefix}Error{i}": 1.0 for i in range(5)}, "__other__": 25.0}
     kind = "error_type_overflow"
     assert observed.value("taskscope_task_warnings_total", task=task, kind=kind) == 25
     (event,) = observed.logs.named("task.error_type_overflow")  # logged once
     assert (event["limit"], event["limit_per_task"]) == (1000, 5)
     otel = {
-        point.attributes["error_type"]
+        point.attributes["error.type"]
         for metric in _otel_metrics(observed)
         if metric.name == "taskscope.task.failures"
         for point in metric.data.data_points

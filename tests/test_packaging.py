@@ -11,14 +11,15 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 
 def test_extras_are_for_users_and_dev_tools_are_a_dependency_group() -> None:
-    """`otlp` and `demo` are extras; pytest, mypy, ruff... are the PEP 735 `dev` group,
-    never a published extra."""
-    assert set(PYPROJECT["project"]["optional-dependencies"]) == {"otlp", "demo"}
+    """`otlp`, `demo`, `celery` and `taskiq` are extras; pytest, mypy, ruff... are the
+    PEP 735 `dev` group, never a published extra."""
+    extras = {"otlp", "demo", "celery", "taskiq"}
+    assert set(PYPROJECT["project"]["optional-dependencies"]) == extras
     group = PYPROJECT["dependency-groups"]["dev"]
     names = {requirement.split(">")[0].split("=")[0].split("[")[0] for requirement in group}
     assert {"pytest", "mypy", "ruff", "kubernetes-validate", "check-jsonschema"} <= names
     assert "taskscope" not in names  # pip cannot install the project itself from a group
-    assert set(metadata("taskscope").get_all("Provides-Extra") or []) == {"otlp", "demo"}
+    assert set(metadata("taskscope").get_all("Provides-Extra") or []) == extras
 
 
 def test_metadata_has_classifiers_and_urls() -> None:
@@ -36,5 +37,5 @@ def test_metadata_has_classifiers_and_urls() -> None:
 def test_setup_script_installs_the_group() -> None:
     """scripts/setup-venv installs the extras and `--group dev` with a pip that knows it."""
     script = (ROOT / "scripts" / "setup-venv").read_text()
-    assert '-e ".[otlp,demo]" --group dev' in script
+    assert '-e ".[otlp,demo,celery,taskiq]" --group dev' in script
     assert '"pip>=25.1"' in script
