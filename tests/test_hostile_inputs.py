@@ -171,7 +171,7 @@ def test_error_types_are_bounded_and_the_overflow_counted() -> None:
         if metric.name == "taskscope.task.failures"
         for point in metric.data.data_points
     }
-    assert otel == {*(f"Error{i}" for i in range(5)), "__other__"}
+    assert otel == {*(f"{prefix}Error{i}" for i in range(5)), "__other__"}
     (failed,) = {e["error_type"] for e in observed.logs.named("task.failed")[-1:]}
     assert failed == "__other__"
 
