@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import subprocess
 import sys
 import textwrap
+
+import pytest
 
 import taskscope
 
@@ -64,3 +68,33 @@ def test_drop_in_import_before_fastapi() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
     )
     assert result.returncode == 0, result.stderr
+
+
+PUBLIC_MODULES = (
+    "taskscope",
+    "taskscope.exposition",
+    "taskscope.otlp",
+    "taskscope.testing",
+    "taskscope.celery",
+    "taskscope.taskiq",
+)
+
+
+@pytest.mark.parametrize("module_name", PUBLIC_MODULES)
+def test_all_is_complete_both_ways(module_name: str) -> None:
+    """Each public module's ``__all__`` names exactly what it defines for users: every name
+    listed resolves, and every public class or function defined there is listed."""
+    module = importlib.import_module(module_name)
+    exported = module.__all__
+    assert isinstance(exported, tuple)
+    assert list(exported) == sorted(exported)
+    for name in exported:
+        assert getattr(module, name) is not None, name
+    defined_here = {
+        name
+        for name, value in vars(module).items()
+        if not name.startswith(("_", "pytest_"))  # pytest hooks are for pytest, not users
+        and (inspect.isclass(value) or inspect.isfunction(value))
+        and getattr(value, "__module__", "") == module_name
+    }
+    assert defined_here <= set(exported), sorted(defined_here - set(exported))

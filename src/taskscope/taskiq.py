@@ -46,7 +46,7 @@ __all__ = ("Queued", "TaskscopeMiddleware", "queued")
 SYSTEM = "taskiq"
 
 
-def task_label(task_name: str) -> str:
+def _task_label(task_name: str) -> str:
     """taskiq's default ``module:function`` as taskscope's ``module.function``."""
     return task_name.replace(":", ".")
 
@@ -154,7 +154,7 @@ class TaskscopeMiddleware(TaskiqMiddleware):
         skipped), so a span left open until ``post_send`` would leak on every failure.
         """
         runtime = self.runtime
-        name = runtime.names.admit(task_label(message.task_name))
+        name = runtime.names.admit(_task_label(message.task_name))
         running = self._running.get(message.task_id)
         if running is not None:  # the task is re-sent while it runs: a retry
             running.retried = True
@@ -174,7 +174,7 @@ class TaskscopeMiddleware(TaskiqMiddleware):
         runtime = self.runtime
         labels = message.labels
         wait = messages.queue_wait(labels.get(messages.PUBLISHED_AT), None, messages.wall_clock())
-        run = _Running(runtime.names.admit(task_label(message.task_name)), wait)
+        run = _Running(runtime.names.admit(_task_label(message.task_name)), wait)
         parent = messages.extract_context(labels.get)
         run.span, run.token = messages.start_consumer_span(
             runtime,
@@ -265,7 +265,7 @@ class Queued:
     def __init__(self, task: Any, labels: dict[str, Any]) -> None:
         self.task = task
         self.labels = labels
-        self.__taskscope_name__ = f"publish:{task_label(task.task_name)}"
+        self.__taskscope_name__ = f"publish:{_task_label(task.task_name)}"
 
     async def __call__(self, *args: Any, **kwargs: Any) -> Any:
         kicker = self.task.kicker()

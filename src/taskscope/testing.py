@@ -61,9 +61,9 @@ class Captured:
 
     def problems(self, *, threshold: float | None = None, failures: bool = True) -> list[str]:
         """One line per blocking step (and per failed task), for an assertion message."""
-        lines = [describe_block(b) for b in self.blocking(threshold)]
+        lines = [_describe_block(b) for b in self.blocking(threshold)]
         if failures:
-            lines += [describe_failure(t) for t in self.failures()]
+            lines += [_describe_failure(t) for t in self.failures()]
         return lines
 
     def clear(self) -> None:
@@ -110,12 +110,12 @@ def _same_block(detection: BlockRecord, ended: BlockRecord) -> bool:
     return detection.task == ended.task and detection.location == ended.location
 
 
-def describe_block(block: BlockRecord) -> str:
+def _describe_block(block: BlockRecord) -> str:
     state = "still blocking after" if block.ongoing else "blocked the event loop for"
     return f"task {block.task} {state} {block.duration * 1e3:.0f} ms at {block.location}"
 
 
-def describe_failure(record: TaskRecord) -> str:
+def _describe_failure(record: TaskRecord) -> str:
     message = f": {record.error_message}" if record.error_message else ""
     return f"task {record.name} failed with {record.error_type}{message}"
 
@@ -217,9 +217,9 @@ class Guard:
     def problems(self) -> list[str]:
         lines: list[str] = []
         if not self.allow_blocking:
-            lines += [describe_block(b) for b in self.captured.blocking()]
+            lines += [_describe_block(b) for b in self.captured.blocking()]
         if not self.allow_failures:
-            lines += [describe_failure(t) for t in self.captured.failures()]
+            lines += [_describe_failure(t) for t in self.captured.failures()]
         return lines
 
     def check(self) -> None:
