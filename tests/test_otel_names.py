@@ -90,3 +90,33 @@ def test_every_prometheus_family_has_an_otel_copy() -> None:
         for metric in registry.collect()
     }
     assert families == set(OTEL_NAMES)
+
+
+def test_otel_counters_of_a_new_task_name_start_at_zero() -> None:
+    """OTLP-only users' alert series exist at 0 before the first skip, block or misuse, as
+    the Prometheus ones do (a series born at 1 has no increase for the rules to see)."""
+    from taskscope._record import TaskRecord
+
+    reader = InMemoryMetricReader()
+    metrics = OtelMetrics(MeterProvider(metric_readers=[reader]))
+    metrics.task_started("app.send")
+    metrics.record(TaskRecord("app.send", "success", False, 0.1, 0.0))
+    data = reader.get_metrics_data()
+    assert data is not None
+    points = {
+        (metric.name, tuple(sorted(dict(point.attributes or {}).items()))): getattr(
+            point, "value", None
+        )
+        for resource in data.resource_metrics
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+        if metric.name
+        in ("taskscope.tasks", "taskscope.task.loop_blocks", "taskscope.task.warnings")
+        for point in metric.data.data_points
+    }
+    tasks = {key[1][0][1]: value for key, value in points.items() if key[0] == "taskscope.tasks"}
+    assert tasks == {"success": 1, "failure": 0, "cancelled": 0, "skipped": 0, "abandoned": 0}
+    assert points[("taskscope.task.loop_blocks", (("task", "app.send"),))] == 0
+    warnings = [key for key in points if key[0] == "taskscope.task.warnings"]
+    assert len(warnings) == 2
+    assert all(points[key] == 0 for key in warnings)

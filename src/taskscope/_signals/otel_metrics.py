@@ -10,11 +10,18 @@ from opentelemetry.metrics import CallbackOptions, Observation
 
 from taskscope._record import NOT_RUN_OUTCOMES, BlockRecord, TaskRecord
 from taskscope._signals._buckets import BLOCK_SECONDS, LAG_SECONDS, TASK_SECONDS
+from taskscope._signals._families import zero_series
 from taskscope._version import __version__
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import MeterProvider
 
+# The attribute names of the zero series' label values (see _families.zero_series).
+_ZERO_LABELS = {
+    "tasks": ("task", "outcome"),
+    "loop_blocks": ("task",),
+    "warnings": ("task", "kind"),
+}
 # Prometheus name -> OpenTelemetry name (unit "s" for durations, "{task}" for counts).
 OTEL_NAMES = {
     "taskscope_tasks_total": "taskscope.tasks",
@@ -68,6 +75,7 @@ class OtelMetrics:
         )
         self._sources: weakref.WeakSet[Any] = weakref.WeakSet()
         self._seen: set[str] = set()
+        self._named: set[str] = set()  # task names whose zero points exist
         self.oldest_running = meter.create_observable_gauge(
             n["taskscope_task_oldest_running_seconds"],
             callbacks=[self._observe_oldest],
@@ -118,7 +126,18 @@ class OtelMetrics:
         self._seen.update(ages)
         return [Observation(ages.get(name, 0.0), {"task": name}) for name in sorted(self._seen)]
 
+    def _first_sight(self, name: str) -> None:
+        """Create the counter points the alert rules read at 0 for a new task name (as the
+        Prometheus sinks do), so an OTLP-only user's first skip or block is an increase."""
+        self._named.add(name)
+        counters = {"tasks": self.tasks, "loop_blocks": self.loop_blocks, "warnings": self.warnings}
+        for attribute, key in zero_series(name):
+            labels = _ZERO_LABELS[attribute]
+            counters[attribute].add(0, dict(zip(labels, key, strict=True)))
+
     def task_started(self, name: str) -> None:
+        if name not in self._named:
+            self._first_sight(name)
         self.in_progress.add(1, {"task": name})
 
     def task_finished(self, name: str) -> None:
@@ -126,6 +145,8 @@ class OtelMetrics:
 
     def record(self, record: TaskRecord) -> None:
         name = record.name
+        if name not in self._named:
+            self._first_sight(name)
         self.tasks.add(1, {"task": name, "outcome": record.outcome})
         if record.outcome in NOT_RUN_OUTCOMES and record.duration == 0.0:
             return
@@ -140,6 +161,8 @@ class OtelMetrics:
             self.loop_busy.add(record.loop_busy, {"task": name})
 
     def block_detected(self, block: BlockRecord) -> None:
+        if block.task not in self._named:
+            self._first_sight(block.task)
         self.loop_blocks.add(1, {"task": block.task})
 
     def block_ended(self, block: BlockRecord) -> None:
@@ -149,6 +172,8 @@ class OtelMetrics:
         self.lag_histogram.record(seconds)
 
     def warning(self, name: str, kind: str) -> None:
+        if name not in self._named:
+            self._first_sight(name)
         self.warnings.add(1, {"task": name, "kind": kind})
 
     def instrumentation_error(self, signal: str) -> None:
