@@ -500,9 +500,31 @@ def _end_span(
     outcome: Outcome,
     error: BaseException | None,
 ) -> None:
-    span = run.span
-    if span is None:
-        return
+    if run.span is not None:
+        finish_span(
+            runtime,
+            run.span,
+            token,
+            outcome,
+            error,
+            error_type=run.error_type,
+            message=run.error_message,
+        )
+
+
+def finish_span(
+    runtime: Runtime,
+    span: Span,
+    token: object,
+    outcome: Outcome,
+    error: BaseException | None,
+    *,
+    error_type: str | None = None,
+    message: str | None = None,
+) -> None:
+    """Detach the span's context, set the outcome (and, on failure, ``error.type``, the
+    exception event and ERROR status), then end it: each step absorbed on its own, so a
+    failure in one never costs the span."""
     try:
         if token is not None:
             otel_context.detach(token)  # type: ignore[arg-type]
@@ -510,20 +532,21 @@ def _end_span(
         runtime.absorb("tracing")
     try:
         span.set_attribute("taskscope.task.outcome", outcome)
+        if error is not None:
+            error_type = error_type or qualified_type_name(error)
         if error is not None and outcome == "failure":
-            qualified = run.error_type or qualified_type_name(error)
-            span.set_attribute("error.type", qualified)
+            span.set_attribute("error.type", error_type or "")
             span.add_event(
                 "exception",
                 {
-                    "exception.type": qualified,
-                    "exception.message": run.error_message or "",
+                    "exception.type": error_type or "",
+                    "exception.message": message or "",
                     "exception.stacktrace": safe_stacktrace(error, runtime.telemetry),
                 },
             )
-            span.set_status(Status(StatusCode.ERROR, run.error_type))
+            span.set_status(Status(StatusCode.ERROR, error_type))
         elif error is not None:
-            span.set_attribute("taskscope.task.interrupted_by", run.error_type or "")
+            span.set_attribute("taskscope.task.interrupted_by", error_type or "")
     except Exception:
         runtime.absorb("tracing")
     try:  # whatever failed above, the span still ends

@@ -17,7 +17,9 @@ from typing import TYPE_CHECKING, Any
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.propagate import extract, inject
-from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+from opentelemetry.trace import Link, SpanKind
+
+from taskscope._run import finish_span
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
@@ -184,32 +186,4 @@ def end_span(
     token: object = None,
 ) -> None:
     """End a producer or consumer span the way the in-process task span ends."""
-    try:
-        if token is not None:
-            otel_context.detach(token)  # type: ignore[arg-type]
-    except Exception:
-        runtime.absorb("tracing")
-    try:
-        span.set_attribute("taskscope.task.outcome", outcome)
-        if error is not None and outcome == "failure":
-            cls = type(error)
-            qualified = (
-                cls.__qualname__
-                if cls.__module__ == "builtins"
-                else f"{cls.__module__}.{cls.__qualname__}"
-            )
-            span.set_attribute("error.type", qualified)
-            span.add_event(
-                "exception",
-                {
-                    "exception.type": qualified,
-                    "exception.message": message or "",
-                    "exception.escaped": True,
-                },
-            )
-            span.set_status(Status(StatusCode.ERROR, type(error).__name__))
-        elif error is not None:
-            span.set_attribute("taskscope.task.interrupted_by", type(error).__name__)
-        span.end()
-    except Exception:
-        runtime.absorb("tracing")
+    finish_span(runtime, span, token, outcome, error, message=message)
