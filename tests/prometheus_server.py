@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import socket
 import subprocess
 import time
@@ -23,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-import pytest
+from tests.system_tools import system_tool
 
 T = TypeVar("T")
 
@@ -41,16 +39,7 @@ def free_port() -> int:
 
 def prometheus_binary() -> str:
     """Path of ``prometheus``; skip (or fail on CI) when it is not installed."""
-    found = shutil.which("prometheus")
-    if found is None:
-        message = (
-            "the prometheus binary is not installed "
-            "(scripts/ensure-system-tools; Debian: apt-get install prometheus)"
-        )
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return found
+    return system_tool("prometheus", "prometheus")
 
 
 def wait_for(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -21,25 +20,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.prometheus_server import free_port, wait_for
+from tests.system_tools import system_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def redis_binary() -> str:
-    found = shutil.which("redis-server")
-    if found is None:
-        message = (
-            "redis-server is not installed "
-            "(scripts/ensure-system-tools; Debian: apt-get install redis-server)"
-        )
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return found
+    return system_tool("redis-server", "redis-server")
 
 
 def _redis_ping(port: int) -> bool:

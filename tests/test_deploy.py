@@ -10,9 +10,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import os
 import re
-import shutil
 import subprocess
 import sys
 import urllib.parse
@@ -23,6 +21,8 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+
+from tests.system_tools import system_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -64,12 +64,7 @@ def bind_mounts(service: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def promtool() -> str:
-    found = shutil.which("promtool")
-    if found is None:
-        if os.environ.get("CI"):
-            pytest.fail("promtool is not installed (scripts/ensure-system-tools)")
-        pytest.skip("promtool is not installed (Debian: apt-get install prometheus)")
-    return found
+    return system_tool("promtool", "prometheus")
 
 
 def run_promtool(*args: str) -> str:

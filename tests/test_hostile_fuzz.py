@@ -11,7 +11,6 @@ encode to OTLP without losing an attribute; a canary secret appears in no output
 from __future__ import annotations
 
 import functools
-import shutil
 import subprocess
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -36,6 +35,7 @@ import taskscope
 from taskscope import instrument_app, task_name
 from taskscope.exposition import MetricsApp
 from tests.conftest import Observed, make_observed
+from tests.system_tools import system_tool
 
 Backend = Literal["asyncio", "trio"]
 CANARY = "zq81CANARYx7"
@@ -262,13 +262,15 @@ def run_taskscope(
 def check_exposition(text: str, openmetrics: str) -> None:
     list(parse_text(text))
     list(parse_openmetrics(openmetrics))  # type: ignore[no-untyped-call]
-    promtool = shutil.which("promtool")
-    if promtool is not None:
-        result = subprocess.run(
-            [promtool, "check", "metrics"], input=text, capture_output=True, text=True, check=False
-        )
-        assert result.returncode in (0, 3), result.stderr + result.stdout  # 3: lint only
-        assert "error" not in (result.stderr + result.stdout).lower()
+    result = subprocess.run(
+        [system_tool("promtool", "prometheus"), "check", "metrics"],
+        input=text,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode in (0, 3), result.stderr + result.stdout  # 3: lint only
+    assert "error" not in (result.stderr + result.stdout).lower()
 
 
 def check_otlp(observed: Observed) -> bytes:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from typing import Any
 
@@ -23,6 +22,7 @@ from taskscope._naming import callable_name
 from taskscope._safe import type_name
 from taskscope.exposition import MetricsApp
 from tests.conftest import Observed, make_observed
+from tests.system_tools import system_tool
 
 OPENMETRICS = "application/openmetrics-text; version=1.0.0"
 CANARY = "zq81CANARYx7"
@@ -77,9 +77,7 @@ def scrape_both_formats(client: TestClient) -> list[str]:
 
 def promtool_accepts(text: str) -> None:
     """``promtool check metrics`` (classic text format) finds no error."""
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.skip("promtool is not installed (scripts/ensure-system-tools)")
+    promtool = system_tool("promtool", "prometheus")
     result = subprocess.run(
         [promtool, "check", "metrics"], input=text, capture_output=True, text=True, check=False
     )

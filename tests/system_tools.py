@@ -1,0 +1,23 @@
+"""The Debian tools the suite drives (prometheus, promtool, redis-server)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+
+def system_tool(name: str, package: str) -> str:
+    """Path of ``name``. Missing: the test is skipped, or fails on CI, where
+    ``scripts/ensure-system-tools`` must have installed Debian's ``package``."""
+    found = shutil.which(name)
+    if found is None:
+        message = (
+            f"{name} is not installed "
+            f"(scripts/ensure-system-tools; Debian: apt-get install {package})"
+        )
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return found
