@@ -6,28 +6,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from taskscope.demo.fit import wrap
-from taskscope.demo.view import block_lines, load_line, loop_line, ms, short
+from taskscope.demo.view import block_lines, load_line, loop_line, task_cells
 
 if TYPE_CHECKING:
     from taskscope.demo.stats import TaskStats
     from taskscope.demo.view import Frame
 
 COMPACT_HEADERS = ("task", "/s", "p50", "p95", "p99", "wait", "thread", "fail", "skip", "run")
-
-
-def _cells(task: TaskStats) -> list[str]:
-    return [
-        short(task.name),
-        f"{task.rate:.1f}",
-        ms(task.duration, 0.5),
-        ms(task.duration, 0.95),
-        ms(task.duration, 0.99),
-        ms(task.wait, 0.95),
-        ms(task.thread_wait, 0.95) if task.thread_wait.count else "-",
-        f"{sum(task.failures.values()):.0f}",
-        f"{task.outcomes.get('skipped', 0):.0f}",
-        f"{task.in_progress:.0f}",
-    ]
 
 
 def _styles(task: TaskStats) -> list[str]:
@@ -62,7 +47,7 @@ def compact_view(frame: Frame, width: int, height: int) -> Any:
     for header in COMPACT_HEADERS[1:]:
         table.add_column(header, justify="right", no_wrap=True)
     for task in frame.window.tasks:
-        cells = _cells(task)
+        cells = task_cells(task)
         table.add_row(*(Text(c, style=s) for c, s in zip(cells, _styles(task), strict=True)))
     if not frame.window.tasks:
         table.add_row("no background task has run yet", *[""] * (len(COMPACT_HEADERS) - 1))

@@ -188,6 +188,23 @@ RICH_HEADERS = (
 )  # fmt: skip
 
 
+def task_cells(task: TaskStats) -> list[str]:
+    """One task's row: name, rate, duration p50/p95/p99, wait and thread wait p95, failed,
+    skipped, running (the live table and the compact one show the same numbers)."""
+    return [
+        short(task.name),
+        f"{task.rate:.1f}",
+        ms(task.duration, 0.5),
+        ms(task.duration, 0.95),
+        ms(task.duration, 0.99),
+        ms(task.wait, 0.95),
+        ms(task.thread_wait, 0.95) if task.thread_wait.count else "-",
+        f"{sum(task.failures.values()):.0f}",
+        f"{task.outcomes.get('skipped', 0):.0f}",
+        f"{task.in_progress:.0f}",
+    ]
+
+
 def ms(histo: Histo, q: float) -> str:
     """A quantile in milliseconds, compact (the live table's unit is in its header)."""
     value = histo.quantile(q)
@@ -230,18 +247,7 @@ def _full_view(frame: Frame) -> Any:
     failed_rows: list[tuple[str, str, str]] = []
     for task in frame.window.tasks:
         failed = sum(task.failures.values())
-        cells = [
-            short(task.name),
-            f"{task.rate:.1f}",
-            ms(task.duration, 0.5),
-            ms(task.duration, 0.95),
-            ms(task.duration, 0.99),
-            ms(task.wait, 0.95),
-            ms(task.thread_wait, 0.95) if task.thread_wait.count else "-",
-            f"{failed:.0f}",
-            f"{task.outcomes.get('skipped', 0):.0f}",
-            f"{task.in_progress:.0f}",
-        ]
+        cells = task_cells(task)
         styles = [""] * len(cells)
         if failed:
             styles[7] = "bold red"
