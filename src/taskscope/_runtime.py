@@ -164,19 +164,22 @@ class Runtime:
     def record(self, record: TaskRecord) -> None:
         if self.exited:  # already recorded as abandoned at exit: one outcome per task
             return
+        logged = record
         if record.error_type is not None:  # cleaned (and bounded) once, for every sink
             try:
+                clean = safe_text(record.error_type, single_line=True, max_length=200)
+                logged = record._replace(error_type=clean)  # logs are no labels: the class
                 if record.outcome == "failure":  # the error_type label of the failures
                     error_type = self.error_types.admit(record.name, record.error_type)
                 else:  # the interruption of a cancelled task: no label, not capped
-                    error_type = safe_text(record.error_type, single_line=True, max_length=200)
+                    error_type = clean
             except Exception:
                 self.absorb("prometheus")
                 error_type = OTHER
             record = record._replace(error_type=error_type)
         for signal, sink in self._sinks:
             try:
-                sink.record(record)
+                sink.record(logged if signal == "logging" else record)
             except Exception:
                 self.absorb(signal)
 
