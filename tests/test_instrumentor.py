@@ -54,10 +54,8 @@ def test_instrument_and_uninstrument_process_wide() -> None:
     assert result.stdout.strip() == "ok"
 
 
-def test_instrument_app_scopes_plain_tasks_to_the_app(observed: Observed) -> None:
-    """Plain Starlette tasks are observed in the instrumented app only."""
-    other = make_observed()
-    ran: list[str] = []
+def _plain_tasks_app(ran: list[str]) -> Starlette:
+    """A Starlette app whose route adds one task with Starlette's own classes."""
 
     def job() -> None:
         ran.append("job")
@@ -67,8 +65,14 @@ def test_instrument_app_scopes_plain_tasks_to_the_app(observed: Observed) -> Non
         tasks.add_task(job)
         return Response("ok", background=tasks)
 
-    instrumented = Starlette(routes=[Route("/", endpoint)])
-    plain = Starlette(routes=[Route("/", endpoint)])
+    return Starlette(routes=[Route("/", endpoint)])
+
+
+def test_instrument_app_scopes_plain_tasks_to_the_app(observed: Observed) -> None:
+    """Plain Starlette tasks are observed in the instrumented app only."""
+    other = make_observed()
+    ran: list[str] = []
+    instrumented, plain = _plain_tasks_app(ran), _plain_tasks_app(ran)
     instrument_app(instrumented, observed.telemetry)
     with TestClient(instrumented) as a, TestClient(plain) as b:
         a.get("/")
@@ -88,16 +92,7 @@ def test_instrument_app_again_swaps_settings_and_uninstrument_app_undoes() -> No
     original_call = StarletteBackgroundTask.__call__
     first, second = make_observed(), make_observed()
     ran: list[str] = []
-
-    def job() -> None:
-        ran.append("job")
-
-    async def endpoint(request: Request) -> Response:
-        tasks = StarletteBackgroundTasks()
-        tasks.add_task(job)
-        return Response("ok", background=tasks)
-
-    app = Starlette(routes=[Route("/", endpoint)])
+    app = _plain_tasks_app(ran)
     with TestClient(app) as client:
         client.get("/")  # started before taskscope is involved at all
         instrument_app(app, first.telemetry)
