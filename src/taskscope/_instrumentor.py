@@ -22,24 +22,6 @@ _everywhere = False  # instrument(): plain Starlette/FastAPI tasks of every app
 _everywhere_telemetry: Telemetry | None = None  # instrument(telemetry)
 
 
-class TelemetryMiddleware:
-    """Pure ASGI middleware: tasks of this app's requests use this app's settings."""
-
-    def __init__(self, app: ASGIApp, telemetry: Telemetry) -> None:
-        self.app = app
-        self.telemetry = telemetry
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        token = current_telemetry.set(self.telemetry)
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            current_telemetry.reset(token)
-
-
 class _AppScope:
     """The settings one app's requests use; replaced by a later ``instrument_app`` call."""
 
@@ -50,7 +32,7 @@ class _AppScope:
 
 
 class _ScopedMiddleware:
-    """``instrument_app``'s middleware: reads the app's current settings per request."""
+    """Pure ASGI middleware: the tasks of each HTTP request use the scope's settings."""
 
     def __init__(self, app: ASGIApp, scope: _AppScope) -> None:
         self.app = app
@@ -66,6 +48,14 @@ class _ScopedMiddleware:
             await self.app(scope, receive, send)
         finally:
             current_telemetry.reset(token)
+
+
+class TelemetryMiddleware(_ScopedMiddleware):
+    """Pure ASGI middleware: tasks of this app's requests use this app's settings."""
+
+    def __init__(self, app: ASGIApp, telemetry: Telemetry) -> None:
+        super().__init__(app, _AppScope(telemetry))
+        self.telemetry = telemetry
 
 
 _scopes: weakref.WeakKeyDictionary[Any, _AppScope] = weakref.WeakKeyDictionary()
