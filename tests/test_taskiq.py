@@ -155,6 +155,9 @@ def test_trace_chains_from_request_to_worker(run: Run) -> None:
     ]
     assert consumer["kind"] == "CONSUMER"
     assert consumer["trace_id"] == f"{request.context.trace_id:032x}"
+    # The in-process span shape: the same attribute names (no unit suffixes).
+    assert isinstance(consumer["attributes"]["taskscope.task.wait"], float)
+    assert "taskscope.task.wait_s" not in consumer["attributes"]
 
 
 def test_failed_endpoint_sends_nothing(run: Run) -> None:

@@ -8,7 +8,7 @@ import contextvars
 import inspect
 import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import FunctionType
 from typing import TYPE_CHECKING, Any
 
@@ -461,36 +461,57 @@ def _adopt_span(run: TaskRun, span: Span) -> None:
 
 def _start_span(runtime: Runtime, run: TaskRun, cap: Capture, sync: bool, wait: float) -> object:
     """Start the task's span and make it current; returns the context token (or None)."""
-    try:
-        tracer = runtime.tracer
-        if tracer is None:
-            return None
-        parent_context: Context | None = cap.context
-        links: list[Link] | None = None
-        if runtime.telemetry.span_mode == "link":
-            parent = trace.get_current_span(cap.context).get_span_context()
-            links = [Link(parent)] if parent.is_valid else None
-            parent_context = otel_context.Context()
-        span = tracer.start_span(
-            f"background_task {run.name}",
-            context=parent_context,
-            kind=SpanKind.INTERNAL,
-            attributes={
-                "code.function.name": run.name,
-                "taskscope.task.sync": sync,
-                "taskscope.task.wait": wait,  # seconds
-            },
-            links=links,
-        )
+    span, token = start_task_span(
+        runtime, run.name, cap.context, kind=SpanKind.INTERNAL, sync=sync, wait=wait
+    )
+    if span is not None:
         span_context = span.get_span_context()
         if span_context.is_valid:
             run.trace_id = format(span_context.trace_id, "032x")
             run.span_id = format(span_context.span_id, "016x")
         run.span = span
-        return otel_context.attach(trace.set_span_in_context(span, cap.context))
+    return token
+
+
+def start_task_span(
+    runtime: Runtime,
+    name: str,
+    parent: Context,
+    *,
+    kind: SpanKind,
+    sync: bool,
+    wait: float,
+    attributes: Mapping[str, Any] | None = None,
+) -> tuple[Span | None, object]:
+    """``background_task {name}`` under ``parent`` (or, in link mode, a new trace linked
+    to it), made current; (span, context token), or (None, None) when tracing is off or
+    failed (absorbed)."""
+    try:
+        tracer = runtime.tracer
+        if tracer is None:
+            return None, None
+        context: Context | None = parent
+        links: list[Link] | None = None
+        if runtime.telemetry.span_mode == "link":
+            remote = trace.get_current_span(parent).get_span_context()
+            links = [Link(remote)] if remote.is_valid else None
+            context = otel_context.Context()
+        span = tracer.start_span(
+            f"background_task {name}",
+            context=context,
+            kind=kind,
+            attributes={
+                "code.function.name": name,
+                "taskscope.task.sync": sync,
+                "taskscope.task.wait": wait,  # seconds
+                **(attributes or {}),
+            },
+            links=links,
+        )
+        return span, otel_context.attach(trace.set_span_in_context(span, parent))
     except Exception:
         runtime.absorb("tracing")
-        return None
+        return None, None
 
 
 def _end_span(

@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Any
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.propagate import extract, inject
-from opentelemetry.trace import Link, SpanKind
+from opentelemetry.trace import SpanKind
 
-from taskscope._run import finish_span
+from taskscope._run import finish_span, start_task_span
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
@@ -146,34 +146,19 @@ def start_consumer_span(
     sync: bool = True,
 ) -> tuple[Span | None, object]:
     """``background_task {task}``, kind CONSUMER, made current; parent from the message."""
-    try:
-        tracer = runtime.tracer
-        if tracer is None:
-            return None, None
-        links: list[Link] | None = None
-        if runtime.telemetry.span_mode == "link":
-            remote = trace.get_current_span(parent).get_span_context()
-            links = [Link(remote)] if remote.is_valid else None
-            parent = otel_context.Context()
-        span = tracer.start_span(
-            f"background_task {name}",
-            context=parent,
-            kind=SpanKind.CONSUMER,
-            attributes={
-                "code.function.name": name,
-                "taskscope.task.sync": sync,
-                "taskscope.task.wait_s": wait if wait is not None else 0.0,
-                "messaging.system": system,
-                "messaging.operation.type": "process",
-                **attributes,
-            },
-            links=links,
-        )
-        token = otel_context.attach(trace.set_span_in_context(span, parent))
-        return span, token
-    except Exception:
-        runtime.absorb("tracing")
-        return None, None
+    return start_task_span(
+        runtime,
+        name,
+        parent,
+        kind=SpanKind.CONSUMER,
+        sync=sync,
+        wait=wait if wait is not None else 0.0,
+        attributes={
+            "messaging.system": system,
+            "messaging.operation.type": "process",
+            **attributes,
+        },
+    )
 
 
 def end_span(
