@@ -33,7 +33,7 @@ from taskiq import TaskiqMessage, TaskiqMiddleware, TaskiqResult
 from taskscope._queues import messages
 from taskscope._record import Outcome, TaskRecord
 from taskscope._runtime import Runtime, resolve, runtime_of
-from taskscope._safe import safe_message
+from taskscope._safe import qualified_type_name, safe_message
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
@@ -212,7 +212,7 @@ class TaskscopeMiddleware(TaskiqMiddleware):
         outcome = _outcome(error, retried=run.retried)
         error_type = error_message = None
         if error is not None and outcome != "success":
-            error_type = type(error).__name__
+            error_type = qualified_type_name(error)
             error_message = safe_message(error, runtime.telemetry)
         if run.span is not None:
             messages.end_span(

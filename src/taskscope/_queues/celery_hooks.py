@@ -28,7 +28,7 @@ from taskscope._queues import messages
 from taskscope._queues.multiproc import clean_dead_processes
 from taskscope._record import Outcome, TaskRecord
 from taskscope._runtime import Runtime, resolve, runtime_of
-from taskscope._safe import safe_message
+from taskscope._safe import qualified_type_name, safe_message
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
@@ -176,7 +176,7 @@ class CeleryHooks:
         runtime.warning(
             runtime.names.admit(name),
             "publish_failed",
-            error_type=type(exc).__name__,
+            error_type=qualified_type_name(exc),
             trace_id=trace_id,
         )
 
@@ -264,7 +264,7 @@ class CeleryHooks:
             error = retval
         error_type = error_message = None
         if error is not None and outcome in ("failure", "retry", "rejected"):
-            error_type = type(error).__name__
+            error_type = qualified_type_name(error)
             error_message = safe_message(error, runtime.telemetry)
         if run.span is not None and outcome != "abandoned":
             messages.end_span(
@@ -340,7 +340,7 @@ class CeleryHooks:
                 True,
                 duration,
                 None,
-                error_type=type(exception).__name__,
+                error_type=qualified_type_name(exception),
                 error_message=safe_message(exception, runtime.telemetry),
                 trace_id=messages.trace_id_of(context),
                 reason="the pool process running it was lost" if outcome == "abandoned" else None,
