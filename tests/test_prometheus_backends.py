@@ -13,7 +13,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
-from taskscope._record import BlockRecord, TaskRecord
+from taskscope._record import NOT_RUN_OUTCOMES, BlockRecord, TaskRecord
 from taskscope._signals.prometheus import PrometheusMetrics
 from taskscope._signals.prometheus_fast import FastMetrics
 
@@ -29,18 +29,55 @@ RECORDS = [
 BLOCK = BlockRecord("app.send", 0.3, "app.py:3", ("app.py:3 in send",), True, False, "cd" * 16)
 
 
-def _feed(metrics: object) -> None:
+class _Running:
+    """A runtime's tasks in flight, as FastMetrics reads them when scraped."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def running(self) -> tuple[dict[str, float], dict[str, int]]:
+        counts: dict[str, int] = {}
+        for name in self.names:
+            counts[name] = counts.get(name, 0) + 1
+        return dict.fromkeys(counts, 0.0), counts
+
+    def oldest_running(self) -> dict[str, float]:
+        return self.running()[0]
+
+
+def _start(metrics: object, name: str, running: _Running) -> None:
+    """A task starts: prometheus_client's gauge is moved; FastMetrics sees it at scrape."""
+    if isinstance(metrics, FastMetrics):
+        running.names.append(name)
+        metrics.watch(running)
+    else:
+        metrics.task_started(name)  # type: ignore[attr-defined]
+
+
+def _finish(metrics: object, name: str, running: _Running) -> None:
+    if isinstance(metrics, FastMetrics):
+        running.names.remove(name)
+    else:
+        metrics.task_finished(name)  # type: ignore[attr-defined]
+
+
+def _feed(metrics: object, running: _Running | None = None) -> _Running:
+    running = running or _Running()
     for record in RECORDS:
-        metrics.task_started(record.name)  # type: ignore[attr-defined]
+        ran = record.outcome not in NOT_RUN_OUTCOMES  # as the runtime: only a run starts
+        if ran:
+            _start(metrics, record.name, running)
         metrics.record(record)  # type: ignore[attr-defined]
-        metrics.task_finished(record.name)  # type: ignore[attr-defined]
-    metrics.task_started("app.running")  # type: ignore[attr-defined]
+        if ran:
+            _finish(metrics, record.name, running)
+    _start(metrics, "app.running", running)
     metrics.block_detected(BLOCK)  # type: ignore[attr-defined]
     metrics.block_ended(BLOCK)  # type: ignore[attr-defined]
     for lag in (0.0001, 0.02, 3.0):
         metrics.lag(lag)  # type: ignore[attr-defined]
     metrics.warning("app.send", "coroutine_not_awaited")  # type: ignore[attr-defined]
     metrics.instrumentation_error("logging")  # type: ignore[attr-defined]
+    return running  # held by the caller: the metrics keep their sources weakly
 
 
 def _without_created(text: bytes) -> list[str]:
@@ -60,11 +97,12 @@ def test_same_exposition_as_prometheus_client() -> None:
     """Text and OpenMetrics output are identical (samples, labels, buckets, exemplars)."""
     reference_registry, fast_registry = CollectorRegistry(), CollectorRegistry()
     _feed(PrometheusMetrics(reference_registry))
-    _feed(FastMetrics(fast_registry))
+    running = _feed(FastMetrics(fast_registry))
     for render in (generate_latest, generate_openmetrics):
         assert _without_created(render(fast_registry)) == _without_created(
             render(reference_registry)
         )
+    assert running.names == ["app.running"]  # held until here: sources are weak
 
 
 def test_concurrent_updates_are_not_lost() -> None:
@@ -101,7 +139,8 @@ def test_alerting_series_start_at_zero_for_a_new_task_name(implementation: type)
     the first skip, failure, loop block or misuse is an increase (not a series born at 1)."""
     registry = CollectorRegistry()
     metrics = implementation(registry)
-    metrics.task_started("app.send")
+    running = _Running()
+    _start(metrics, "app.send", running)
     value = registry.get_sample_value
     for outcome in ("success", "failure", "cancelled", "skipped", "abandoned"):
         assert value("taskscope_tasks_total", {"task": "app.send", "outcome": outcome}) == 0.0
@@ -158,7 +197,7 @@ def test_collection_builds_families_outside_the_lock() -> None:
     only the copy of one family's values happens under the lock."""
     registry = CollectorRegistry()
     metrics = FastMetrics(registry)
-    _feed(metrics)
+    running = _feed(metrics)
     held_while_building: list[bool] = []
     for family in metrics._families:
         build = family.family
@@ -171,6 +210,7 @@ def test_collection_builds_families_outside_the_lock() -> None:
     families = list(metrics.collect())
     assert len(families) == len(metrics._families)
     assert held_while_building == [False] * len(families)
+    assert running.names == ["app.running"]  # held until here: sources are weak
 
 
 def test_a_record_between_two_families_is_not_lost() -> None:

@@ -61,10 +61,10 @@ class Capture:
 
     @property
     def name(self) -> str:
-        if self._name is None:
-            telemetry = self.resolve(None)
-            self._name = runtime_of(telemetry).names.admit(_name_of(self.func))
-        return self._name
+        name = self._name
+        if name is None:
+            name = self._name = runtime_of(self.resolve(None)).task_name(self.func, _name_of)
+        return name
 
 
 # callable_name() of plain functions, keyed by everything its result depends on (so
@@ -104,8 +104,9 @@ def capture(func: Callable[..., Any], explicit: Telemetry | None) -> Capture:
 
 def capture_of(task: BackgroundTask, explicit: Telemetry | None) -> Capture:
     found = getattr(task, "_taskscope", None)
-    if isinstance(found, Capture):
-        found.resolve(explicit)
+    if type(found) is Capture:
+        if found.telemetry is None:
+            found.resolve(explicit)
         return found
     # A plain Starlette task (instrument()/instrument_app() paths), or an object with its
     # own __call__: captured at run time, named after its func (or itself, if it has none).
@@ -119,41 +120,30 @@ def capture_of(task: BackgroundTask, explicit: Telemetry | None) -> Capture:
 
 
 class TaskRun:
-    """Mutable state of one task while it runs (read by the loop probe)."""
+    """Mutable state of one task while it runs (read by the loop probe and the hung check).
 
-    __slots__ = (
-        "blocks",
-        "busy",
-        "coro",
-        "error_message",
-        "error_type",
-        "hung",
-        "name",
-        "owns_span",
-        "runtime",
-        "span",
-        "span_id",
-        "thread",
-        "threshold",
-        "trace_id",
-    )
+    Built for every task: only what differs per task is set in ``__init__``, the rest are
+    class defaults until written (a plain instance with three attributes is about half
+    the cost of fourteen slots).
+    """
 
-    def __init__(self, name: str, runtime: Runtime) -> None:
+    busy = 0.0
+    blocks = 0
+    span: Span | None = None
+    owns_span = True  # False: the framework's span (FastAPI's), enriched only
+    trace_id: str | None = None
+    span_id: str | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+    # Read by the hung-task check (watchdog thread): where the task waits.
+    coro: Any = None  # async: the task's coroutine (awaitable)
+    thread: int | None = None  # sync: the worker thread running it (0: done there)
+    hung = 0  # back-off steps reported as hung (0: never)
+
+    def __init__(self, name: str, runtime: Runtime, threshold: float | None = None) -> None:
         self.name = name
         self.runtime = runtime
-        self.threshold = runtime.telemetry.block_threshold
-        self.busy = 0.0
-        self.blocks = 0
-        self.span: Span | None = None
-        self.owns_span = True  # False: the framework's span (FastAPI's), enriched only
-        self.trace_id: str | None = None
-        self.span_id: str | None = None
-        self.error_type: str | None = None
-        self.error_message: str | None = None
-        # Read by the hung-task check (watchdog thread): where the task waits.
-        self.coro: Any = None  # async: the task's coroutine (awaitable)
-        self.thread: int | None = None  # sync: the worker thread running it (0: done there)
-        self.hung = 0  # back-off steps reported as hung (0: never)
+        self.threshold = runtime.telemetry.block_threshold if threshold is None else threshold
 
 
 # The task a custom ``__call__`` is being recorded for: when that ``__call__`` calls
@@ -237,10 +227,12 @@ def _account(
         if kind is Kind.NESTED:
             captures.append(None)  # its tasks are accounted for when it runs
             continue
-        cap = capture_of(task, explicit)
+        cap = capture_of(task, explicit)  # resolved
         cap.kind = kind
         cap.accounted = True
-        runtime_of(cap.resolve(explicit)).track(id(task), cap.name, None)
+        telemetry = cap.telemetry or cap.resolve(explicit)
+        runtime = telemetry._runtime or runtime_of(telemetry)
+        runtime.inflight[id(task)] = (cap.name, None, None)  # tracked: an outcome is due
         captures.append(cap)
 
 
@@ -310,30 +302,40 @@ async def run_one(task: BackgroundTask, cap: Capture, sent_at: float, hook: Any 
 
     Runs inside the context FastAPI's own loop opens around each task (its span, when its
     telemetry traces the request): the task's span is FastAPI's then, else taskscope's own.
+    The common case (a plain async task, no span) costs two clock reads, two dict
+    operations (the task in flight), one record and its aggregation.
     """
-    telemetry = cap.resolve(None)
-    runtime = runtime_of(telemetry)
+    telemetry = cap.telemetry or cap.resolve(None)
+    runtime = telemetry._runtime or runtime_of(telemetry)
     clock = telemetry.clock
     name = cap.name
-    run = TaskRun(name, runtime)
+    run = TaskRun(name, runtime, telemetry.block_threshold)
     plain = cap.kind is Kind.PLAIN
     sync = (not task.is_async) if plain else is_sync(task)
+    key = id(task)
+    inflight = runtime.inflight
     start = clock()
-    runtime.track(id(task), name, start, run)
-    runtime.task_started(name)
+    inflight[key] = (name, start, run)  # the task in flight: gauges, hung check, exit
+    if runtime._progress_sinks:
+        runtime.task_started(name)
     operation = None if hook is None else _enter_framework_operation(hook, task, run)
-    token = None if run.span is not None else _start_span(runtime, run, cap, sync, start - sent_at)
+    token = None
+    if run.span is None and runtime.tracing:
+        token = _start_span(runtime, run, cap, sync, start - sent_at)
     outcome: Outcome = "success"
     error: BaseException | None = None
     thread_started: list[float] = []
     try:
         if not plain:
-            await _run_opaque(task, run)
+            await _run_opaque(task, run, telemetry)
         elif sync:
             await _run_sync(task, run, thread_started, clock)
         else:
             run.coro = coro = task.func(*task.args, **task.kwargs)
-            await monitored(coro, run)
+            if telemetry.loop_probe:
+                await monitored(coro, run)
+            else:
+                await coro
     except BaseException as exc:
         error = exc
         outcome = _outcome_of(exc)
@@ -350,27 +352,29 @@ async def run_one(task: BackgroundTask, cap: Capture, sent_at: float, hook: Any 
             ran_from = end
         else:
             ran_from = start
-        runtime.untrack(id(task))
-        runtime.task_finished(name)
+        inflight.pop(key, None)
+        if runtime._progress_sinks:
+            runtime.task_finished(name)
         if run.owns_span and run.span is not None:
             _end_span(runtime, run, token, outcome, error)
-        record = TaskRecord(
-            name,
-            outcome,
-            sync,
-            end - ran_from,
-            start - sent_at,
-            thread_wait=(thread_started[0] - start) if thread_started else None,
-            error_type=run.error_type,
-            error_message=run.error_message,
-            trace_id=run.trace_id,
-            span_id=run.span_id,
-            loop_busy=run.busy,
-            loop_blocks=run.blocks,
+        runtime.record(
+            TaskRecord(
+                name,
+                outcome,
+                sync,
+                end - ran_from,
+                start - sent_at,
+                (thread_started[0] - start) if thread_started else None,
+                run.error_type,
+                run.error_message,
+                run.trace_id,
+                run.span_id,
+                run.busy,
+                run.blocks,
+                None,
+                run.hung > 0,  # reported as hung by the watchdog
+            )
         )
-        if run.hung:  # rare: reported as hung by the watchdog
-            record = record._replace(hung_reported=True)
-        runtime.record(record)
         if operation is not None:  # FastAPI's span ends after the task's record is made
             if error is None:
                 operation.__exit__(None, None, None)
@@ -395,12 +399,15 @@ def _enter_framework_operation(hook: Any, task: BackgroundTask, run: TaskRun) ->
     return operation
 
 
-async def _run_opaque(task: BackgroundTask, run: TaskRun) -> None:
+async def _run_opaque(task: BackgroundTask, run: TaskRun, telemetry: Telemetry) -> None:
     """A task with its own ``__call__``: awaited as Starlette would, inside the record."""
     token = recording_opaque.set(task)
     try:
         run.coro = coro = task()
-        await monitored(coro, run)
+        if telemetry.loop_probe:
+            await monitored(coro, run)
+        else:
+            await coro
     finally:
         recording_opaque.reset(token)
 

@@ -9,6 +9,7 @@ import threading
 import weakref
 from collections import Counter
 from collections.abc import Callable
+from types import FunctionType
 from typing import TYPE_CHECKING, Any
 
 # Imported with taskscope, not at the first task: the first task runs on the event loop,
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from taskscope._record import BlockRecord, HungRecord, TaskRecord
 
 _create_lock = threading.Lock()
+_NAMES_CACHE_SIZE = 4096
 _default: Telemetry | None = None
 # Set by instrument_app()'s middleware for the duration of each request.
 current_telemetry: contextvars.ContextVar[Telemetry | None] = contextvars.ContextVar(
@@ -83,6 +85,10 @@ class Runtime:
             on_overflow=lambda task: self.label_overflow(task, "error_type_overflow"),
         )
         self._overflow_logged: set[str] = set()
+        # Admitted task name per function (identity): the name of a function's tasks is
+        # computed and bounded once, not per task. Bounded; past the cap, per task.
+        self._names_by_func: dict[Any, str] = {}
+        self.tracing = telemetry.span_mode != "off"  # whether tasks may get a span
         self.absorbed_errors = 0
         self.prometheus: Any = None
         self.otel_metrics: Any = None
@@ -126,8 +132,47 @@ class Runtime:
                     watch(self)
                 except Exception:
                     self.absorb(signal)
-        # The sinks that count (all but logging), for the per-task hot path.
+        self._derive_sink_lists()
+
+    def _derive_sink_lists(self) -> None:
+        """The per-task hot path's views of ``_sinks`` (rebuilt whenever it changes)."""
+        # The sinks that count (all but logging).
         self._metric_sinks = [(s, sink) for s, sink in self._sinks if s != "logging"]
+        # Told of each task's start and end: the sinks that keep an in-progress gauge
+        # themselves. The in-process Prometheus collector reads the tasks in flight when
+        # scraped instead (``reads_inflight``): nothing per task.
+        self._progress_sinks = [
+            (s, sink)
+            for s, sink in self._metric_sinks
+            if not getattr(sink, "reads_inflight", False) and hasattr(sink, "task_started")
+        ]
+        # Fed every record; the logging sink only the rare ones (a success logs nothing).
+        self._record_sinks = self._metric_sinks
+
+    def add_sink(self, name: str, sink: Any) -> None:
+        """Feed ``sink`` every record, block, hang, lag and warning from now on."""
+        self._sinks = [*self._sinks, (name, sink)]  # copy on write: no torn loops
+        self._derive_sink_lists()
+
+    def remove_sink(self, sink: Any) -> None:
+        self._sinks = [(s, k) for s, k in self._sinks if k is not sink]
+        self._derive_sink_lists()
+
+    def task_name(self, func: Any, name_of: Callable[[Any], str]) -> str:
+        """The bounded name of ``func``'s tasks (``name_of`` computes the raw name).
+
+        Cached for plain functions without a closure (module-level functions: they live
+        as long as the module anyway); lambdas, closures, partials and bound methods are
+        made per call and would keep their captured objects alive in a cache.
+        """
+        if type(func) is not FunctionType or func.__closure__ is not None:
+            return self.names.admit(name_of(func))
+        name = self._names_by_func.get(func)
+        if name is None:
+            name = self.names.admit(name_of(func))
+            if name != OTHER and len(self._names_by_func) < _NAMES_CACHE_SIZE:
+                self._names_by_func[func] = name
+        return name
 
     @property
     def tracer(self) -> Tracer | None:
@@ -148,14 +193,14 @@ class Runtime:
                     sink.instrumentation_error(signal)
 
     def task_started(self, name: str) -> None:
-        for signal, sink in self._metric_sinks:
+        for signal, sink in self._progress_sinks:
             try:
                 sink.task_started(name)
             except Exception:
                 self.absorb(signal)
 
     def task_finished(self, name: str) -> None:
-        for signal, sink in self._metric_sinks:
+        for signal, sink in self._progress_sinks:
             try:
                 sink.task_finished(name)
             except Exception:
@@ -163,6 +208,14 @@ class Runtime:
 
     def record(self, record: TaskRecord) -> None:
         if self.exited:  # already recorded as abandoned at exit: one outcome per task
+            return
+        if record.outcome == "success" and not record.hung_reported:
+            # The common case: counted, never logged; no error type to bound.
+            for signal, sink in self._record_sinks:
+                try:
+                    sink.record(record)
+                except Exception:
+                    self.absorb(signal)
             return
         logged = record
         if record.error_type is not None:  # cleaned (and bounded) once, for every sink
@@ -214,17 +267,27 @@ class Runtime:
     def oldest_running(self) -> dict[str, float]:
         """Age (seconds) of the oldest running task per task name (scrape time, off the
         hot path: one copy of the in-flight entries)."""
+        return self.running()[0]
+
+    def running(self) -> tuple[dict[str, float], dict[str, int]]:
+        """Per task name: the age (seconds) of the oldest running task, and how many run.
+
+        Read at scrape time from the tasks in flight (one copy of the dict), so the hot
+        path keeps no gauge of its own.
+        """
         entries = self.inflight.copy()
         if not entries:
-            return {}
+            return {}, {}
         now = self.telemetry.clock()
         ages: dict[str, float] = {}
+        counts: dict[str, int] = {}
         for name, start, _ in entries.values():
             if start is not None:
+                counts[name] = counts.get(name, 0) + 1
                 age = max(0.0, now - start)
                 if age > ages.get(name, -1.0):
                     ages[name] = age
-        return ages
+        return ages, counts
 
     def refresh_oldest(self) -> None:
         """Multiprocess Prometheus: write the oldest-running gauge (the watchdog's scan)."""

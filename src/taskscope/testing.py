@@ -121,11 +121,11 @@ def _describe_failure(record: TaskRecord) -> str:
 
 
 def _attach(runtime: Runtime, sink: Captured) -> None:
-    runtime._sinks = [*runtime._sinks, ("testing", sink)]  # copy on write: no torn loops
+    runtime.add_sink("testing", sink)
 
 
 def _detach(runtime: Runtime, sink: Captured) -> None:
-    runtime._sinks = [(s, k) for s, k in runtime._sinks if k is not sink]
+    runtime.remove_sink(sink)
 
 
 @contextmanager

@@ -172,11 +172,17 @@ class FastMetrics:
         for signal in SIGNALS:  # zero from the first scrape, so rate() works
             self.instrumentation_errors.values[(signal,)] = 0.0
         self._seen: set[str] = set()
+        self._ran: set[Key] = set()  # names recorded: their in-progress series persist
         self._sources: weakref.WeakSet[Any] = weakref.WeakSet()
         registry.register(self)  # raises if the names are taken: the sink is then off
 
+    # The in-progress gauge is read from the runtimes' tasks in flight at scrape time:
+    # the runtime does not call task_started/task_finished (nothing per task).
+    reads_inflight = True
+
     def watch(self, runtime: Any) -> None:
-        """Read ``runtime``'s tasks in flight, at scrape time, for the oldest-running gauge."""
+        """Read ``runtime``'s tasks in flight, at scrape time: the in-progress and
+        oldest-running gauges."""
         self._sources.add(runtime)
 
     def _see(self, name: str) -> None:
@@ -198,19 +204,25 @@ class FastMetrics:
 
     def collect(self) -> Iterator[Metric]:
         ages: dict[Key, float] = {}
+        counts: dict[Key, float] = {}
         for runtime in list(self._sources):  # outside the lock: the tasks' clocks
             try:
-                found = runtime.oldest_running()
+                found, running = runtime.running()
             except Exception:  # a failing clock must not fail the scrape
                 runtime.absorb("prometheus")
                 continue
             for name, age in found.items():
                 ages[(name,)] = max(age, ages.get((name,), 0.0))
+            for name, count in running.items():
+                counts[(name,)] = counts.get((name,), 0.0) + count
         with self._lock:
+            for key in counts:
+                if key[0] not in self._seen:
+                    self._see(key[0])
+            self._ran.update(counts)
             # Every name that ever ran: 0 when none runs now (an alert's series persists).
-            self.oldest_running.values = {
-                key: ages.get(key, 0.0) for key in (*self.in_progress.values, *ages)
-            }
+            self.in_progress.values = {key: counts.get(key, 0.0) for key in self._ran}
+            self.oldest_running.values = {key: ages.get(key, 0.0) for key in self._ran}
         # One family at a time: its values are copied under the lock (a C-level copy of a
         # dict, ~0.1 ms per 1,000 series), its metric objects built outside it. Building
         # them all under the lock held every task's record() on the event loop for the
@@ -222,16 +234,6 @@ class FastMetrics:
             yield family.family(snapshot)
 
     # -- the signal interface ------------------------------------------------------------
-    def task_started(self, name: str) -> None:
-        with self._lock:
-            if name not in self._seen:
-                self._see(name)
-            self.in_progress.inc((name,))
-
-    def task_finished(self, name: str) -> None:
-        with self._lock:
-            self.in_progress.inc((name,), -1.0)
-
     def record(self, record: TaskRecord) -> None:
         name = record.name
         by_outcome = (name, record.outcome)
@@ -240,6 +242,8 @@ class FastMetrics:
             if name not in self._seen:
                 self._see(name)
             self.tasks.inc(by_outcome)
+            if by_name not in self._ran:
+                self._ran.add(by_name)
             if record.duration == 0.0 and record.outcome in NOT_RUN_OUTCOMES:
                 return
             self.duration.observe(by_outcome, record.duration, record.trace_id)
