@@ -357,24 +357,29 @@ async def run_one(task: BackgroundTask, cap: Capture, sent_at: float, hook: Any 
             runtime.task_finished(name)
         if run.owns_span and run.span is not None:
             _end_span(runtime, run, token, outcome, error)
-        runtime.record(
-            TaskRecord(
-                name,
-                outcome,
-                sync,
-                end - ran_from,
-                start - sent_at,
-                (thread_started[0] - start) if thread_started else None,
-                run.error_type,
-                run.error_message,
-                run.trace_id,
-                run.span_id,
-                run.busy,
-                run.blocks,
-                None,
-                run.hung > 0,  # reported as hung by the watchdog
+        if outcome == "success" and not thread_started and not run.hung and not sync:
+            runtime.async_success(
+                name, end - start, start - sent_at, run.trace_id, run.span_id, run.busy, run.blocks
             )
-        )
+        else:
+            runtime.record(
+                TaskRecord(
+                    name,
+                    outcome,
+                    sync,
+                    end - ran_from,
+                    start - sent_at,
+                    (thread_started[0] - start) if thread_started else None,
+                    run.error_type,
+                    run.error_message,
+                    run.trace_id,
+                    run.span_id,
+                    run.busy,
+                    run.blocks,
+                    None,
+                    run.hung > 0,  # reported as hung by the watchdog
+                )
+            )
         if operation is not None:  # FastAPI's span ends after the task's record is made
             if error is None:
                 operation.__exit__(None, None, None)

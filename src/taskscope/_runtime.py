@@ -21,6 +21,7 @@ from prometheus_client import REGISTRY
 
 from taskscope._config import Telemetry
 from taskscope._naming import OTHER, ErrorTypeLimiter, NameLimiter
+from taskscope._record import TaskRecord
 from taskscope._safe import safe_text
 from taskscope._signals import prometheus_fast  # noqa: F401 - loaded now, not on the loop
 from taskscope._signals.logs import LogEvents
@@ -31,7 +32,7 @@ from taskscope._version import __version__
 if TYPE_CHECKING:
     from opentelemetry.trace import Tracer
 
-    from taskscope._record import BlockRecord, HungRecord, TaskRecord
+    from taskscope._record import BlockRecord, HungRecord
 
 _create_lock = threading.Lock()
 _NAMES_CACHE_SIZE = 4096
@@ -148,6 +149,12 @@ class Runtime:
         ]
         # Fed every record; the logging sink only the rare ones (a success logs nothing).
         self._record_sinks = self._metric_sinks
+        # An async task's success: sinks with a ``success()`` shortcut take the values
+        # directly; a TaskRecord is built only if another sink wants one.
+        self._success_sinks = [(s, k) for s, k in self._metric_sinks if hasattr(k, "success")]
+        self._record_only_sinks = [
+            (s, k) for s, k in self._metric_sinks if not hasattr(k, "success")
+        ]
 
     def add_sink(self, name: str, sink: Any) -> None:
         """Feed ``sink`` every record, block, hang, lag and warning from now on."""
@@ -235,6 +242,36 @@ class Runtime:
                 sink.record(logged if signal == "logging" else record)
             except Exception:
                 self.absorb(signal)
+
+    def async_success(  # noqa: PLR0917 - the hot path: positional, no TaskRecord
+        self,
+        name: str,
+        duration: float,
+        wait: float,
+        trace_id: str | None,
+        span_id: str | None,
+        busy: float,
+        blocks: int,
+    ) -> None:
+        """Record an async task's success (the hot path): same signals as :meth:`record`
+        with its TaskRecord, without building one unless a sink needs it."""
+        if self.exited:
+            return
+        for signal, sink in self._success_sinks:
+            try:
+                sink.success(name, duration, wait, trace_id, busy)
+            except Exception:
+                self.absorb(signal)
+        if self._record_only_sinks:
+            record = TaskRecord(
+                name, "success", False, duration, wait, None, None, None, trace_id, span_id,
+                busy, blocks,
+            )  # fmt: skip
+            for signal, sink in self._record_only_sinks:
+                try:
+                    sink.record(record)
+                except Exception:
+                    self.absorb(signal)
 
     def block_detected(self, block: BlockRecord) -> None:
         for signal, sink in self._sinks:
@@ -347,8 +384,6 @@ class Runtime:
 
     def abandon_inflight(self) -> dict[str, int]:
         """Record every task not ended yet as ``abandoned`` (called at interpreter exit)."""
-        from taskscope._record import TaskRecord
-
         with self._inflight_lock:
             pending = list(self.inflight.values())
             self.inflight.clear()

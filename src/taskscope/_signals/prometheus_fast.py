@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
 Key = tuple[str, ...]
+_HOT_NAMES = 10_000  # task names whose series success() keeps at hand (names are bounded)
 
 
 class _Histogram:
@@ -172,6 +173,9 @@ class FastMetrics:
         for signal in SIGNALS:  # zero from the first scrape, so rate() works
             self.instrumentation_errors.values[(signal,)] = 0.0
         self._seen: set[str] = set()
+        self._hot: dict[str, tuple[Key, _Histogram, _Histogram]] = {}  # see success()
+        self._duration_bounds = self.duration.bounds
+        self._wait_bounds = self.wait.bounds
         self._ran: set[Key] = set()  # names recorded: their in-progress series persist
         self._sources: weakref.WeakSet[Any] = weakref.WeakSet()
         registry.register(self)  # raises if the names are taken: the sink is then off
@@ -234,6 +238,43 @@ class FastMetrics:
             yield family.family(snapshot)
 
     # -- the signal interface ------------------------------------------------------------
+    def success(
+        self, name: str, duration: float, wait: float | None, trace_id: str | None, busy: float
+    ) -> None:
+        """The common record (an in-process task that succeeded), without a TaskRecord:
+        the series of ``name`` are looked up once, then each task is one lock, one counter
+        and two bucket increments."""
+        with self._lock:
+            hot = self._hot.get(name)
+            if hot is None:
+                hot = self._hot_series(name)
+            key, duration_child, wait_child = hot
+            values = self.tasks.values
+            values[key] = values.get(key, 0.0) + 1.0
+            duration_child.observe(bisect_left(self._duration_bounds, duration), duration, trace_id)
+            if wait is not None:
+                wait_child.observe(bisect_left(self._wait_bounds, wait), wait, None)
+            if busy > 0.0:
+                self.loop_busy.inc((name,), busy)
+
+    def _hot_series(self, name: str) -> tuple[Key, _Histogram, _Histogram]:
+        """The series a success of ``name`` updates (call with the lock; the histograms are
+        created here, right before their first observation: never empty)."""
+        if name not in self._seen:
+            self._see(name)
+        self._ran.add((name,))
+        key = (name, "success")
+        duration = self.duration.children.get(key)
+        if duration is None:
+            duration = self.duration.children[key] = _Histogram(len(self.duration.bounds) + 1)
+        wait = self.wait.children.get((name,))
+        if wait is None:
+            wait = self.wait.children[(name,)] = _Histogram(len(self.wait.bounds) + 1)
+        hot = (key, duration, wait)
+        if len(self._hot) < _HOT_NAMES:
+            self._hot[name] = hot
+        return hot
+
     def record(self, record: TaskRecord) -> None:
         name = record.name
         by_outcome = (name, record.outcome)
