@@ -250,10 +250,17 @@ class FastMetrics:
                 hot = self._hot_series(name)
             key, duration_child, wait_child = hot
             values = self.tasks.values
-            values[key] = values.get(key, 0.0) + 1.0
-            duration_child.observe(bisect_left(self._duration_bounds, duration), duration, trace_id)
+            values[key] += 1.0  # created at 0 with the name (zero_series)
+            if trace_id is None:  # _Histogram.observe, inlined
+                duration_child.counts[bisect_left(self._duration_bounds, duration)] += 1
+                duration_child.sum += duration
+            else:
+                duration_child.observe(
+                    bisect_left(self._duration_bounds, duration), duration, trace_id
+                )
             if wait is not None:
-                wait_child.observe(bisect_left(self._wait_bounds, wait), wait, None)
+                wait_child.counts[bisect_left(self._wait_bounds, wait)] += 1
+                wait_child.sum += wait
             if busy > 0.0:
                 self.loop_busy.inc((name,), busy)
 
@@ -264,6 +271,7 @@ class FastMetrics:
             self._see(name)
         self._ran.add((name,))
         key = (name, "success")
+        self.tasks.values.setdefault(key, 0.0)
         duration = self.duration.children.get(key)
         if duration is None:
             duration = self.duration.children[key] = _Histogram(len(self.duration.bounds) + 1)
