@@ -14,9 +14,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import CollectorRegistry
 
-import taskscope
 from taskscope import Telemetry
-from taskscope.testing import ListLogger
+from taskscope.testing import ListLogger, reset
 
 LogRecorder = ListLogger  # taskscope calls logger.info/warning/error(event, **fields)
 
@@ -85,9 +84,9 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture(autouse=True)
 def _no_instrumentation_left() -> Iterator[None]:
-    """Class patches of instrument()/instrument_app() never leak into the next test."""
+    """No process-wide state of taskscope leaks into the next test."""
     yield
-    taskscope.uninstrument()
+    reset()  # taskscope.testing.reset(): patches, probes, the default Telemetry
 
 
 @pytest.fixture(scope="session")

@@ -22,6 +22,7 @@ from taskscope._naming import task_name
 from taskscope._probe import lifespan, start_loop_probe
 from taskscope._record import BlockRecord, HungRecord, Outcome, TaskRecord
 from taskscope._redact import redact_secrets
+from taskscope._sink import Sink
 
 if TYPE_CHECKING:
     from taskscope._background import BackgroundTask, BackgroundTasks
@@ -34,6 +35,7 @@ __all__ = (
     "HungRecord",
     "MetricsApp",
     "Outcome",
+    "Sink",
     "SpanMode",
     "TaskRecord",
     "TaskscopeInstrumentor",

@@ -12,9 +12,13 @@ from taskscope._environ import parse_bool, parse_choice, parse_float, parse_int,
 from taskscope._redact import redact_secrets
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from opentelemetry.metrics import MeterProvider
     from opentelemetry.trace import TracerProvider
     from prometheus_client import CollectorRegistry
+
+    from taskscope._sink import Sink
 
 DEFAULT_MAX_TASKS_PER_RESPONSE = 1000
 
@@ -74,6 +78,9 @@ class Telemetry:
     off. Checked by the loop probe's watchdog thread (needs ``loop_probe``)."""
     clock: Callable[[], float] = time.perf_counter
     """Monotonic clock in seconds (inject a fake one in tests)."""
+    sinks: Sequence[Sink] = ()
+    """Your own receivers of every task record, loop block, hung task and lag measurement
+    (see :class:`taskscope.Sink`), next to Prometheus, OpenTelemetry and the logs."""
     _runtime: Any = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:

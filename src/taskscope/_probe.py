@@ -346,3 +346,13 @@ class _TrioStepInstrument:
         if step is not None:
             self._step = None
             self.monitor.exit(step, self._outer)
+
+
+def close_all() -> None:
+    """Stop every loop probe of the process (``taskscope.testing.reset``): watchdogs
+    joined, hooks removed. A probe whose loop still runs stops its heartbeat at its next
+    beat; a later task starts a new probe."""
+    with _probes_lock:
+        probes = list(_probes.values())
+    for probe in probes:
+        probe.stop()

@@ -27,6 +27,7 @@ from taskscope._signals import prometheus_fast  # noqa: F401 - loaded now, not o
 from taskscope._signals.logs import LogEvents
 from taskscope._signals.otel_metrics import OtelMetrics
 from taskscope._signals.prometheus import metrics_for
+from taskscope._sink import AdaptedSink
 from taskscope._version import __version__
 
 if TYPE_CHECKING:
@@ -126,6 +127,8 @@ class Runtime:
         logger = t.logger if t.logger is not None else structlog.get_logger("taskscope")
         self.logs = LogEvents(logger)
         self._sinks.append(("logging", self.logs))
+        for sink in t.sinks:  # the user's: every method optional
+            self._sinks.append(("sinks", AdaptedSink(sink)))
         for signal, sink in self._sinks:  # the oldest-running gauge reads our tasks in flight
             watch = getattr(sink, "watch", None)
             if watch is not None:
@@ -444,5 +447,12 @@ class _ExitWatch:
 
 
 _exit_watch = _ExitWatch()
+
+
+def live_runtimes() -> list[Runtime]:
+    """Every runtime alive now (one per Telemetry that has recorded something)."""
+    return list(_exit_watch._runtimes)
+
+
 # Called with every new Runtime (taskscope.testing captures from all of them).
 runtime_created: list[Callable[[Runtime], None]] = []

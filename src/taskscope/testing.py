@@ -19,13 +19,13 @@ from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING, Any
 
 from taskscope._record import BlockRecord, HungRecord, TaskRecord
-from taskscope._runtime import _exit_watch, runtime_created, runtime_of
+from taskscope._runtime import live_runtimes, runtime_created, runtime_of
 
 if TYPE_CHECKING:
     from taskscope._config import Telemetry
     from taskscope._runtime import Runtime
 
-__all__ = ("Captured", "Guard", "ListLogger", "assert_no_blocking", "capture")
+__all__ = ("Captured", "Guard", "ListLogger", "assert_no_blocking", "capture", "reset")
 
 
 class Captured:
@@ -141,7 +141,7 @@ def capture(telemetry: Telemetry | None = None) -> Iterator[Captured]:
     if telemetry is not None:
         hook(runtime_of(telemetry))
     else:
-        for runtime in list(_exit_watch._runtimes):
+        for runtime in live_runtimes():
             hook(runtime)
         runtime_created.append(hook)
     try:
@@ -151,6 +151,28 @@ def capture(telemetry: Telemetry | None = None) -> Iterator[Captured]:
             runtime_created.remove(hook)
         for runtime in attached:
             _detach(runtime, captured)
+
+
+def reset() -> None:
+    """Undo taskscope's process-wide state between tests: as if nothing had run yet.
+
+    :func:`~taskscope.uninstrument` (class patches, ``instrument_app`` scopes, the FastAPI
+    import hook), every loop probe stopped (watchdog threads joined, asyncio task factories
+    restored), the process default ``Telemetry`` forgotten (the next task creates a fresh
+    one), :func:`capture` listeners and the name and task-kind caches cleared. The FastAPI
+    rebind made by importing the drop-in ``BackgroundTasks`` stays: it belongs to that
+    import, which a test module made once.
+    """
+    from taskscope import _probe, _run, _runtime, _task_kinds
+    from taskscope._instrumentor import uninstrument
+
+    uninstrument()
+    _probe.close_all()
+    with _runtime._create_lock:
+        _runtime._default = None
+    runtime_created.clear()
+    _run._names_by_key.clear()
+    _task_kinds._kinds.clear()
 
 
 @contextmanager

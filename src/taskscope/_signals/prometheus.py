@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 _by_registry: weakref.WeakKeyDictionary[CollectorRegistry, Any] = weakref.WeakKeyDictionary()
 _by_registry_lock = threading.Lock()
 
-SIGNALS = ("prometheus", "otel_metrics", "tracing", "logging", "loop_probe")
+SIGNALS = ("prometheus", "otel_metrics", "tracing", "logging", "loop_probe", "sinks")
 METRIC_NAMES = (
     "taskscope_tasks_total",
     "taskscope_task_failures_total",
