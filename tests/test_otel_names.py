@@ -120,3 +120,22 @@ def test_otel_counters_of_a_new_task_name_start_at_zero() -> None:
     warnings = [key for key in points if key[0] == "taskscope.task.warnings"]
     assert len(warnings) == 2
     assert all(points[key] == 0 for key in warnings)
+
+
+def test_readme_metrics_table_is_the_catalogue() -> None:
+    """The README's metrics table lists every metric of the catalogue, with its type,
+    labels and OpenTelemetry name, and nothing else."""
+    from pathlib import Path
+
+    from taskscope._signals._families import FAMILIES
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    rows = {}
+    for line in readme.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 5 and cells[0].startswith("`taskscope_"):
+            rows[cells[0].strip("`")] = (cells[1], cells[2], cells[4].strip("`"))
+    expected = {
+        spec.exposed_name: (spec.kind, ", ".join(spec.labels), spec.otel_name) for spec in FAMILIES
+    }
+    assert rows == expected

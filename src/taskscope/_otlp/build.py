@@ -19,15 +19,12 @@ from taskscope._otlp.counting import (
     CountingSpanExporter,
     OtlpCounters,
 )
-from taskscope._signals._buckets import BLOCK_SECONDS, LAG_SECONDS, TASK_SECONDS
-from taskscope._signals.otel_metrics import OTEL_NAMES
+from taskscope._signals._families import FAMILIES
 
+# The exporter's views: the catalogue's buckets for every histogram (the SDK's defaults
+# would not match the dashboard's quantiles).
 HISTOGRAM_BUCKETS: dict[str, tuple[float, ...]] = {
-    OTEL_NAMES["taskscope_task_duration_seconds"]: TASK_SECONDS,
-    OTEL_NAMES["taskscope_task_wait_seconds"]: TASK_SECONDS,
-    OTEL_NAMES["taskscope_task_thread_wait_seconds"]: TASK_SECONDS,
-    OTEL_NAMES["taskscope_event_loop_lag_seconds"]: LAG_SECONDS,
-    OTEL_NAMES["taskscope_task_loop_block_seconds"]: BLOCK_SECONDS,
+    spec.otel_name: spec.buckets for spec in FAMILIES if spec.kind == "histogram"
 }
 GRPC_MISSING = (
     "OTLP protocol 'grpc' needs the gRPC exporter: "

@@ -9,12 +9,17 @@ from typing import TYPE_CHECKING, Any
 from opentelemetry.metrics import CallbackOptions, Observation
 
 from taskscope._record import NOT_RUN_OUTCOMES, BlockRecord, TaskRecord
-from taskscope._signals._buckets import BLOCK_SECONDS, LAG_SECONDS, TASK_SECONDS
-from taskscope._signals._families import zero_series
+from taskscope._signals._families import FAMILIES, OTEL_NAMES, zero_series
 from taskscope._version import __version__
 
 if TYPE_CHECKING:
-    from opentelemetry.metrics import MeterProvider
+    from opentelemetry.metrics import (
+        Counter,
+        Histogram,
+        MeterProvider,
+        ObservableGauge,
+        UpDownCounter,
+    )
 
 # The attribute names of the zero series' label values (see _families.zero_series).
 _ZERO_LABELS = {
@@ -22,92 +27,58 @@ _ZERO_LABELS = {
     "loop_blocks": ("task",),
     "warnings": ("task", "kind"),
 }
-# Prometheus name -> OpenTelemetry name (unit "s" for durations, "{task}" for counts).
-OTEL_NAMES = {
-    "taskscope_tasks_total": "taskscope.tasks",
-    "taskscope_task_failures_total": "taskscope.task.failures",
-    "taskscope_task_duration_seconds": "taskscope.task.duration",
-    "taskscope_task_wait_seconds": "taskscope.task.wait",
-    "taskscope_task_thread_wait_seconds": "taskscope.task.thread_wait",
-    "taskscope_tasks_in_progress": "taskscope.tasks.in_progress",
-    "taskscope_task_oldest_running_seconds": "taskscope.task.oldest_running",
-    "taskscope_event_loop_lag_seconds": "taskscope.event_loop.lag",
-    "taskscope_task_loop_blocks_total": "taskscope.task.loop_blocks",
-    "taskscope_task_loop_block_seconds": "taskscope.task.loop_block",
-    "taskscope_task_loop_busy_seconds_total": "taskscope.task.loop_busy",
-    "taskscope_task_warnings_total": "taskscope.task.warnings",
-    "taskscope_instrumentation_errors_total": "taskscope.instrumentation.errors",
-}
+
+
+__all__ = ("OTEL_NAMES", "OtelMetrics")
 
 
 class OtelMetrics:
     """Instruments on one meter; attribute keys match the Prometheus labels."""
 
+    tasks: Counter
+    failures: Counter
+    duration: Histogram
+    wait: Histogram
+    thread_wait: Histogram
+    in_progress: UpDownCounter
+    oldest_running: ObservableGauge
+    loop_lag: Histogram
+    loop_blocks: Counter
+    loop_block_seconds: Histogram
+    loop_busy: Counter
+    warnings: Counter
+    instrumentation_errors: Counter
+
     def __init__(self, provider: MeterProvider) -> None:
         meter = provider.get_meter("taskscope", __version__)
-        n = OTEL_NAMES
-        self.tasks = meter.create_counter(
-            n["taskscope_tasks_total"], "{task}", "Background tasks by final outcome."
-        )
-        self.failures = meter.create_counter(
-            n["taskscope_task_failures_total"], "{task}", "Background task failures."
-        )
-        self.duration = meter.create_histogram(
-            n["taskscope_task_duration_seconds"],
-            "s",
-            "Run time of background tasks.",
-            explicit_bucket_boundaries_advisory=list(TASK_SECONDS),
-        )
-        self.wait = meter.create_histogram(
-            n["taskscope_task_wait_seconds"],
-            "s",
-            "Time from the response being sent to the task starting.",
-            explicit_bucket_boundaries_advisory=list(TASK_SECONDS),
-        )
-        self.thread_wait = meter.create_histogram(
-            n["taskscope_task_thread_wait_seconds"],
-            "s",
-            "Time sync tasks waited for a worker thread.",
-            explicit_bucket_boundaries_advisory=list(TASK_SECONDS),
-        )
-        self.in_progress = meter.create_up_down_counter(
-            n["taskscope_tasks_in_progress"], "{task}", "Background tasks running now."
-        )
         self._sources: weakref.WeakSet[Any] = weakref.WeakSet()
         self._seen: set[str] = set()
         self._named: set[str] = set()  # task names whose zero points exist
-        self.oldest_running = meter.create_observable_gauge(
-            n["taskscope_task_oldest_running_seconds"],
-            callbacks=[self._observe_oldest],
-            unit="s",
-            description="Age of the oldest running task of each name (0: none running).",
-        )
-        self.lag_histogram = meter.create_histogram(
-            n["taskscope_event_loop_lag_seconds"],
-            "s",
-            "How late the event loop's heartbeat fired.",
-            explicit_bucket_boundaries_advisory=list(LAG_SECONDS),
-        )
-        self.loop_blocks = meter.create_counter(
-            n["taskscope_task_loop_blocks_total"], "{step}", "Steps that blocked the loop."
-        )
-        self.loop_block_duration = meter.create_histogram(
-            n["taskscope_task_loop_block_seconds"],
-            "s",
-            "Duration of steps that blocked the loop.",
-            explicit_bucket_boundaries_advisory=list(BLOCK_SECONDS),
-        )
-        self.loop_busy = meter.create_counter(
-            n["taskscope_task_loop_busy_seconds_total"], "s", "Seconds tasks held the loop."
-        )
-        self.instrumentation_errors = meter.create_counter(
-            n["taskscope_instrumentation_errors_total"],
-            "{error}",
-            "Errors inside taskscope's own instrumentation, absorbed (never raised).",
-        )
-        self.warnings = meter.create_counter(
-            n["taskscope_task_warnings_total"], "{warning}", "Misuse flagged by taskscope."
-        )
+        for spec in FAMILIES:  # the catalogue: same facts, OTel names and units
+            instrument: Any
+            if spec.kind == "counter":
+                instrument = meter.create_counter(
+                    spec.otel_name, spec.otel_unit, spec.documentation
+                )
+            elif spec.kind == "histogram":
+                instrument = meter.create_histogram(
+                    spec.otel_name,
+                    spec.otel_unit,
+                    spec.documentation,
+                    explicit_bucket_boundaries_advisory=list(spec.buckets),
+                )
+            elif spec.attribute == "oldest_running":  # read from the tasks in flight
+                instrument = meter.create_observable_gauge(
+                    spec.otel_name,
+                    callbacks=[self._observe_oldest],
+                    unit=spec.otel_unit,
+                    description=spec.documentation,
+                )
+            else:  # in progress: moved by each task's start and end
+                instrument = meter.create_up_down_counter(
+                    spec.otel_name, spec.otel_unit, spec.documentation
+                )
+            setattr(self, spec.attribute, instrument)
 
     def watch(self, runtime: Any) -> None:
         """Read ``runtime``'s tasks in flight, at collection, for the oldest-running gauge."""
@@ -166,10 +137,10 @@ class OtelMetrics:
         self.loop_blocks.add(1, {"task": block.task})
 
     def block_ended(self, block: BlockRecord) -> None:
-        self.loop_block_duration.record(block.duration, {"task": block.task})
+        self.loop_block_seconds.record(block.duration, {"task": block.task})
 
     def lag(self, seconds: float) -> None:
-        self.lag_histogram.record(seconds)
+        self.loop_lag.record(seconds)
 
     def warning(self, name: str, kind: str) -> None:
         if name not in self._named:

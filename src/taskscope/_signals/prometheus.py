@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import Counter, Gauge, Histogram
 
 from taskscope._record import NOT_RUN_OUTCOMES, BlockRecord, TaskRecord
-from taskscope._signals._families import FAMILIES, zero_series
+from taskscope._signals._families import FAMILIES, METRIC_NAMES, zero_series
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -19,21 +19,7 @@ _by_registry: weakref.WeakKeyDictionary[CollectorRegistry, Any] = weakref.WeakKe
 _by_registry_lock = threading.Lock()
 
 SIGNALS = ("prometheus", "otel_metrics", "tracing", "logging", "loop_probe", "sinks")
-METRIC_NAMES = (
-    "taskscope_tasks_total",
-    "taskscope_task_failures_total",
-    "taskscope_task_duration_seconds",
-    "taskscope_task_wait_seconds",
-    "taskscope_task_thread_wait_seconds",
-    "taskscope_tasks_in_progress",
-    "taskscope_task_oldest_running_seconds",
-    "taskscope_event_loop_lag_seconds",
-    "taskscope_task_loop_blocks_total",
-    "taskscope_task_loop_block_seconds",
-    "taskscope_task_loop_busy_seconds_total",
-    "taskscope_task_warnings_total",
-    "taskscope_instrumentation_errors_total",
-)
+__all__ = ("METRIC_NAMES", "SIGNALS", "PrometheusMetrics", "metrics_for")
 
 
 def metrics_for(registry: CollectorRegistry) -> Any:
