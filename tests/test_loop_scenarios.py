@@ -55,6 +55,17 @@ async def run(obs: Observed, *tasks: tuple[Callable[..., Any], tuple[Any, ...]])
     for func, args in tasks:
         background.add_task(func, *args)
     await background()
+    await settled(obs)
+
+
+async def settled(obs: Observed) -> None:
+    """Wait until every stall reported ongoing has ended: the end is recorded when the
+    loop's heartbeat comes back (a beat after the loop is free), not when the task ends."""
+    for _ in range(100):
+        ongoing = [e for e in blocked(obs) if e["ongoing"]]
+        if len(obs.logs.named("task.loop_unblocked")) >= len(ongoing):
+            return
+        await anyio.sleep(0.01)
 
 
 def blocked(obs: Observed) -> list[dict[str, Any]]:

@@ -133,6 +133,7 @@ class TaskRun:
         "runtime",
         "span",
         "span_id",
+        "stalls",
         "thread",
         "threshold",
         "trace_id",
@@ -154,6 +155,8 @@ class TaskRun:
         self.coro: Any = None  # async: the task's coroutine (awaitable)
         self.thread: int | None = None  # sync: the worker thread running it (0: done there)
         self.hung = 0  # back-off steps reported as hung (0: never)
+        # Loop stalls blamed on this task (the probe's watchdog appends; rare).
+        self.stalls: list[Any] | None = None
 
 
 # The task a custom ``__call__`` is being recorded for: when that ``__call__`` calls

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING, Any
 
+from taskscope._probe import settle
 from taskscope._record import BlockRecord, HungRecord, TaskRecord
 from taskscope._runtime import _exit_watch, runtime_created, runtime_of
 
@@ -147,6 +148,7 @@ def capture(telemetry: Telemetry | None = None) -> Iterator[Captured]:
     try:
         yield captured
     finally:
+        settle()  # a stall that just ended: its end recorded now, not a beat later
         if hook in runtime_created:
             runtime_created.remove(hook)
         for runtime in attached:
