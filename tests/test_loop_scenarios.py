@@ -20,6 +20,7 @@ from typing import Any
 import anyio
 import anyio.to_thread
 import pytest
+import uvloop
 
 import taskscope
 from taskscope import BackgroundTasks
@@ -249,6 +250,81 @@ async def test_block_as_last_statement_then_innocent_task(anyio_backend: str) ->
     (span,) = [s for s in obs.task_spans() if s.name == f"background_task {innocent}"]
     assert not [e for e in span.events if e.name == "loop.blocked"]
     assert obs.outcomes()[(innocent, "success")] == 1.0
+
+
+@pytest.mark.parametrize(
+    "anyio_backend", ["asyncio", ("asyncio", {"loop_factory": uvloop.new_event_loop})]
+)
+async def test_block_in_gather_child_uvloop(anyio_backend: Any) -> None:
+    """asyncio.gather children on uvloop too: the parent task's block, at the child's line."""
+    obs = observed()
+    await run(obs, (blocking.gathers, ()))
+    assert_one_block(obs, blocking.gathers, markers(BLOCKING_FILE, "child"))
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_block_in_trio_nursery_child(anyio_backend: str) -> None:
+    """A child of a trio nursery is the parent task's block, at the child's line."""
+    obs = observed()
+    await run(obs, (blocking.trio_nursery, ()))
+    assert_one_block(obs, blocking.trio_nursery, markers(BLOCKING_FILE, "child"))
+
+
+async def test_many_short_steps_in_one_iteration(anyio_backend: str) -> None:
+    """20 tasks resumed together, 10 ms each: no step is long, but the loop iteration
+    is 200 ms: one stall, reported while it lasts, blamed on the task running then."""
+    obs = observed()
+    await heartbeat_running(obs)
+    name = name_of(blocking.short_step)
+    async with anyio.create_task_group() as group:
+        for _ in range(20):
+            group.start_soon(run, obs, (blocking.short_step, ()))
+    await settled(obs)
+    (event,) = blocked(obs)
+    assert (event["task"], event["ongoing"]) == (name, True)
+    assert event["location"] in markers(BLOCKING_FILE, "short-step")
+    (ended,) = obs.logs.named("task.loop_unblocked")
+    assert ended["duration_s"] >= 0.15
+    assert obs.value("taskscope_task_loop_blocks_total", task=name) == 1.0
+    assert obs.value("taskscope_task_loop_block_seconds_sum", task=name) >= 0.15
+    assert obs.value("taskscope_task_loop_blocks_total", task=taskscope.OUTSIDE_TASKS) == 0.0
+
+
+async def test_stall_outside_background_tasks(anyio_backend: str) -> None:
+    """Blocking code of no background task (here the test's own, as an endpoint's would
+    be) while a task is in flight: reported as outside, the task is not blamed."""
+    obs = observed()
+    async with anyio.create_task_group() as group:
+        group.start_soon(run, obs, (quiet.sleeps_async, ()))
+        await anyio.sleep(0.05)  # the task is in flight, waiting
+        blocking.outside()
+    await settled(obs)
+    (event,) = blocked(obs)
+    assert event["task"] == taskscope.OUTSIDE_TASKS
+    assert event["location"] in markers(BLOCKING_FILE, "outside")
+    assert obs.value("taskscope_task_loop_blocks_total", task=taskscope.OUTSIDE_TASKS) == 1.0
+    innocent = name_of(quiet.sleeps_async)
+    assert obs.value("taskscope_task_loop_blocks_total", task=innocent) == 0.0
+    assert obs.value("taskscope_task_loop_busy_seconds_total", task=innocent) < 0.05
+    (span,) = [s for s in obs.task_spans() if s.name == f"background_task {innocent}"]
+    assert not [e for e in span.events if e.name == "loop.blocked"]
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_stall_in_a_loop_callback(anyio_backend: str) -> None:
+    """A plain loop callback (no task at all) that blocks: outside background tasks."""
+    import asyncio
+
+    obs = observed()
+    async with anyio.create_task_group() as group:
+        group.start_soon(run, obs, (quiet.sleeps_async, ()))
+        await anyio.sleep(0.05)
+        asyncio.get_running_loop().call_soon(blocking.outside)
+    await settled(obs)
+    (event,) = blocked(obs)
+    assert event["task"] == taskscope.OUTSIDE_TASKS
+    assert event["location"] in markers(BLOCKING_FILE, "outside")
+    assert obs.value("taskscope_task_loop_blocks_total", task=name_of(quiet.sleeps_async)) == 0
 
 
 async def heartbeat_running(obs: Observed) -> None:

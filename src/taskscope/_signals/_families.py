@@ -70,17 +70,17 @@ FAMILIES = (
     ),
     FamilySpec(
         "loop_blocks", "counter", "taskscope_task_loop_blocks",
-        "Steps of async tasks that held the event loop longer than the threshold.",
+        "Event-loop stalls longer than the threshold, by the task blamed (or outside tasks).",
         ("task",),
     ),
     FamilySpec(
         "loop_block_seconds", "histogram", "taskscope_task_loop_block_seconds",
-        "Duration of the steps that blocked the event loop.",
+        "Duration of the event-loop stalls, measured by the loop heartbeat.",
         ("task",), BLOCK_SECONDS,
     ),
     FamilySpec(
         "loop_busy", "counter", "taskscope_task_loop_busy_seconds",
-        "Seconds async tasks held the event loop (sum of their steps).",
+        "Seconds async tasks held the event loop (sampled estimate).",
         ("task",),
     ),
     FamilySpec(

@@ -89,16 +89,18 @@ class OtelMetrics:
             explicit_bucket_boundaries_advisory=list(LAG_SECONDS),
         )
         self.loop_blocks = meter.create_counter(
-            n["taskscope_task_loop_blocks_total"], "{step}", "Steps that blocked the loop."
+            n["taskscope_task_loop_blocks_total"], "{step}", "Event-loop stalls past the threshold."
         )
         self.loop_block_duration = meter.create_histogram(
             n["taskscope_task_loop_block_seconds"],
             "s",
-            "Duration of steps that blocked the loop.",
+            "Duration of event-loop stalls.",
             explicit_bucket_boundaries_advisory=list(BLOCK_SECONDS),
         )
         self.loop_busy = meter.create_counter(
-            n["taskscope_task_loop_busy_seconds_total"], "s", "Seconds tasks held the loop."
+            n["taskscope_task_loop_busy_seconds_total"],
+            "s",
+            "Seconds tasks held the loop (sampled).",
         )
         self.instrumentation_errors = meter.create_counter(
             n["taskscope_instrumentation_errors_total"],
