@@ -174,6 +174,23 @@ def test_loop_closed_without_cancelling_its_tasks() -> None:
     assert loop not in _probes
 
 
+def test_a_stopped_loop_is_not_stalled() -> None:
+    """Between two run_until_complete calls the heartbeat cannot run: not a stall."""
+    obs = make_observed(block_threshold=0.05)
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(one_task(obs))
+        time.sleep(0.3)  # the loop is stopped (not closed): blocking.outside would be a stall
+        loop.run_until_complete(asyncio.sleep(0.05))
+    finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        for task in asyncio.all_tasks(loop):
+            task.cancel()
+        loop.run_until_complete(asyncio.sleep(0.01))
+        loop.close()
+    assert obs.logs.named("task.loop_blocked") == []
+
+
 def test_probe_off_installs_nothing() -> None:
     """loop_probe=False: no thread, no task factory, no lag, tasks still recorded."""
     obs = make_observed(loop_probe=False)

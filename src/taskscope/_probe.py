@@ -395,6 +395,8 @@ class LoopProbe:
             if overdue < self.threshold:
                 return max(due + self.threshold - now, 0.0005)
             stall = self.open_stall(due)
+            if stall is None:  # idle, woken late: not a stall (yet)
+                return self.beat
         return self.report(stall, overdue)
 
     def _sample_busy(self, now: float) -> None:
@@ -407,10 +409,16 @@ class LoopProbe:
         if run is not None:
             run.busy += elapsed  # only the watchdog writes it while the task runs
 
-    def open_stall(self, due: float) -> Stall:
-        """The heartbeat is past the threshold: sample the loop thread, blame, remember."""
+    def open_stall(self, due: float) -> Stall | None:
+        """The heartbeat is past the threshold: sample the loop thread, blame, remember.
+
+        ``None`` when no code holds the loop (see :meth:`Blamer.blame`): looked at again.
+        """
         assert self._blamer is not None
-        run, frames = self._blamer.blame()
+        blamed = self._blamer.blame()
+        if blamed is None:
+            return None
+        run, frames = blamed
         location, stack = describe(frames)
         stall = Stall(due, run, location, stack)
         self._last_stall_due = due

@@ -123,25 +123,39 @@ class Blamer:
         task = self._trio_task(_outermost_coroutine(frame))
         return None if task is None else task.context.get(current_run)
 
-    def blame(self) -> tuple[TaskRun | None, list[FrameType]]:
+    def blame(self) -> tuple[TaskRun | None, list[FrameType]] | None:
         """The run holding the loop now (``None``: not a background task) and the frames
-        of what runs, outermost first (from the running task's coroutine inward)."""
+        of what runs, outermost first (from the running task's coroutine inward).
+
+        ``None`` if no code holds the loop: it is stopped (asyncio between two
+        ``run_until_complete``), or waits in its selector, or (trio) runs no task, as when
+        a guest run's host thread waits: a heartbeat that is late then was woken late (CPU
+        contention, a guest run's host), which is not a stall caused by code.
+        """
         frame = sys._current_frames().get(self.loop_thread)
+        if frame is None:
+            return None
         run: TaskRun | None = None
         root: FrameType | None = None
         if self.library != "trio":
-            task = asyncio.current_task(self.loop)
+            loop = self.loop
+            if loop is not None and not loop.is_running():
+                return None
+            task = asyncio.current_task(loop)
             if task is not None:
                 context = context_of(task)
                 run = None if context is None else context.get(current_run)
                 root = getattr(task.get_coro(), "cr_frame", None)
-        elif frame is not None:
+            elif frame.f_code.co_filename.startswith(_loop_machinery()):
+                return None  # waiting in the selector, or between two callbacks
+        else:
             root = _outermost_coroutine(frame)
+            if root is None:
+                return None  # no task runs: the scheduler, or the I/O wait
             task = self._trio_task(root)
             if task is not None:
                 run = task.context.get(current_run)
-        frames = [] if frame is None else _running_frames(frame, root)
-        return run, frames
+        return run, _running_frames(frame, root)
 
     def _trio_task(self, root: FrameType | None) -> Any:
         if root is None:
@@ -166,6 +180,23 @@ class Blamer:
                 self._trio_tasks.clear()
             self._trio_tasks[id(root)] = weakref.ref(found)
         return found
+
+
+_machinery: tuple[str, ...] = ()
+
+
+def _loop_machinery() -> tuple[str, ...]:
+    """Source paths of the asyncio loop itself: its package, ``selectors``, uvloop."""
+    global _machinery  # noqa: PLW0603 - computed once
+    if not _machinery:
+        import selectors
+
+        paths = [os.path.join(os.path.dirname(asyncio.__file__), ""), selectors.__file__]
+        uvloop = sys.modules.get("uvloop")
+        if uvloop is not None and getattr(uvloop, "__file__", None):
+            paths.append(os.path.join(os.path.dirname(str(uvloop.__file__)), ""))
+        _machinery = tuple(paths)
+    return _machinery
 
 
 def _outermost_coroutine(frame: FrameType) -> FrameType | None:
