@@ -303,6 +303,13 @@ async def test_stall_outside_background_tasks(anyio_backend: str) -> None:
     assert event["task"] == taskscope.OUTSIDE_TASKS
     assert event["location"] in markers(BLOCKING_FILE, "outside")
     assert obs.value("taskscope_task_loop_blocks_total", task=taskscope.OUTSIDE_TASKS) == 1.0
+    # Not a task: no zero series of task outcomes or warnings under that label.
+    assert (
+        obs.registry.get_sample_value(
+            "taskscope_tasks_total", {"task": taskscope.OUTSIDE_TASKS, "outcome": "failure"}
+        )
+        is None
+    )
     innocent = name_of(quiet.sleeps_async)
     assert obs.value("taskscope_task_loop_blocks_total", task=innocent) == 0.0
     assert obs.value("taskscope_task_loop_busy_seconds_total", task=innocent) < 0.05

@@ -20,9 +20,8 @@ from taskscope._instrumentor import (
 )
 from taskscope._naming import task_name
 from taskscope._probe import lifespan, start_loop_probe
-from taskscope._record import BlockRecord, HungRecord, Outcome, TaskRecord
+from taskscope._record import OUTSIDE_TASKS, BlockRecord, HungRecord, Outcome, TaskRecord
 from taskscope._redact import redact_secrets
-from taskscope._stepping import OUTSIDE as OUTSIDE_TASKS
 
 if TYPE_CHECKING:
     from taskscope._background import BackgroundTask, BackgroundTasks

@@ -32,7 +32,7 @@ import time
 import weakref
 from typing import TYPE_CHECKING, Any
 
-from taskscope._record import BlockRecord
+from taskscope._record import OUTSIDE_TASKS, BlockRecord
 from taskscope._safe import code_location_attributes, safe_text
 
 if TYPE_CHECKING:
@@ -50,9 +50,7 @@ current_run: contextvars.ContextVar[TaskRun | None] = contextvars.ContextVar(
 # every Telemetry that runs tasks on it. (Module global: patched by tests.)
 clock = time.perf_counter
 
-OUTSIDE = "<outside background tasks>"
-"""The ``task`` of a stall caused by code that is not a background task (of that
-Telemetry): an endpoint, a middleware, a loop callback, another library's task."""
+OUTSIDE = OUTSIDE_TASKS
 
 _STACK_DEPTH = 8
 _MAX_FRAMES = 128

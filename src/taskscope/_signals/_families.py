@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Literal, NamedTuple
 
+from taskscope._record import OUTSIDE_TASKS
 from taskscope._signals._buckets import BLOCK_SECONDS, LAG_SECONDS, TASK_SECONDS
 
 ZEROED_OUTCOMES = ("success", "failure", "cancelled", "skipped", "abandoned")
@@ -104,6 +105,8 @@ def zero_series(name: str) -> list[tuple[str, tuple[str, ...]]]:
     to see: without these zeros the first skip, loop block or misuse of a task (and the
     first failure, for the failure-ratio alert) would never fire an alert.
     """
+    if name == OUTSIDE_TASKS:  # not a task: only the stalls' counter
+        return [("loop_blocks", (name,))]
     return [
         *(("tasks", (name, outcome)) for outcome in ZEROED_OUTCOMES),
         ("loop_blocks", (name,)),
