@@ -343,15 +343,14 @@ def test_a_stall_outside_background_tasks_is_reported_as_such(fake_clock: FakeCl
 
 
 def test_each_runtime_past_its_own_threshold(fake_clock: FakeClock) -> None:
-    """Two Telemetry objects on one loop: the smallest threshold detects; each is told
-    past its own, and a task of one is outside the tasks of the other."""
+    """Two Telemetry objects on one loop: the smallest threshold detects; a task's stall
+    goes to its own Telemetry only, past that Telemetry's threshold."""
     quick, slow = make_observed(block_threshold=0.1), make_observed(block_threshold=0.5)
     run = _run_for(slow)
     probe = _probe(fake_clock, quick, slow, run=run)
     due = probe.due
     fake_clock.now = due + 0.2
     assert probe.check() == pytest.approx(0.05)  # during a stall: half the threshold
-    assert [e["task"] for e in quick.logs.named("task.loop_blocked")] == [OUTSIDE]
     assert slow.logs.named("task.loop_blocked") == []
     fake_clock.now = due + 0.49
     assert probe.check() == pytest.approx(0.01)  # wakes when the larger threshold passes
@@ -361,11 +360,28 @@ def test_each_runtime_past_its_own_threshold(fake_clock: FakeClock) -> None:
     fake_clock.now = due + 0.6
     _heartbeat_returns(probe, fake_clock)
     probe.check()
-    assert [e["duration_s"] for e in quick.logs.named("task.loop_unblocked")] == [
-        pytest.approx(0.6)
-    ]
     assert [e["duration_s"] for e in slow.logs.named("task.loop_unblocked")] == [pytest.approx(0.6)]
     assert run.blocks == 1
+    assert quick.logs.named("task.loop_blocked") == []  # another Telemetry's task
+    assert quick.logs.named("task.loop_unblocked") == []
+
+
+def test_a_stall_outside_tasks_goes_to_every_runtime(fake_clock: FakeClock) -> None:
+    """No task to blame: each Telemetry on the loop is told, past its own threshold."""
+    quick, slow = make_observed(block_threshold=0.1), make_observed(block_threshold=0.5)
+    probe = _probe(fake_clock, quick, slow, run=None)
+    due = probe.due
+    fake_clock.now = due + 0.2
+    probe.check()
+    assert [e["task"] for e in quick.logs.named("task.loop_blocked")] == [OUTSIDE]
+    assert slow.logs.named("task.loop_blocked") == []
+    fake_clock.now = due + 0.3
+    _heartbeat_returns(probe, fake_clock)
+    probe.check()
+    assert [e["duration_s"] for e in quick.logs.named("task.loop_unblocked")] == [
+        pytest.approx(0.3)
+    ]
+    assert slow.logs.named("task.loop_blocked") == []  # shorter than its threshold
 
 
 def test_a_stall_shorter_than_the_threshold_is_not_reported(fake_clock: FakeClock) -> None:

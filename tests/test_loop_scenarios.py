@@ -317,6 +317,44 @@ async def test_stall_outside_background_tasks(anyio_backend: str) -> None:
     assert not [e for e in span.events if e.name == "loop.blocked"]
 
 
+async def test_stall_in_an_endpoint_while_a_task_runs(anyio_backend: str) -> None:
+    """An endpoint that blocks while a background task of an earlier request is in
+    flight: the stall is outside background tasks, with the endpoint's line."""
+    import httpx
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    obs = observed()
+
+    async def start(request: Request) -> Response:
+        tasks = BackgroundTasks(telemetry=obs.telemetry)
+        tasks.add_task(quiet.sleeps_async)
+        return Response("started", background=tasks)
+
+    async def slow(request: Request) -> Response:
+        blocking.outside()
+        return Response("slow")
+
+    app = Starlette(routes=[Route("/start", start), Route("/slow", slow)])
+    transport = httpx.ASGITransport(app=app)
+    async with (
+        httpx.AsyncClient(transport=transport, base_url="http://test") as client,
+        anyio.create_task_group() as group,
+    ):
+        group.start_soon(client.get, "/start")  # returns when its task has run
+        await anyio.sleep(0.05)
+        assert (await client.get("/slow")).text == "slow"
+    await settled(obs)
+    (event,) = blocked(obs)
+    assert event["task"] == taskscope.OUTSIDE_TASKS
+    assert event["location"] in markers(BLOCKING_FILE, "outside")
+    innocent = name_of(quiet.sleeps_async)
+    assert obs.outcomes()[(innocent, "success")] == 1.0
+    assert obs.value("taskscope_task_loop_blocks_total", task=innocent) == 0.0
+
+
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_stall_in_a_loop_callback(anyio_backend: str) -> None:
     """A plain loop callback (no task at all) that blocks: outside background tasks."""

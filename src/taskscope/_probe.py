@@ -14,8 +14,9 @@ No code runs per step, and per task only :func:`monitored`'s context variable:
   samples the loop thread's stack, blames the background task running (children included,
   see :mod:`taskscope._stepping`) or reports the stall as outside background tasks
   (:data:`~taskscope._stepping.OUTSIDE`), at ``file:line``; ``block_detected`` (ongoing)
-  once per stall and per runtime, past that runtime's own threshold (several Telemetry
-  objects can share a loop: the smallest threshold drives detection). When the heartbeat
+  once per stall, past that runtime's own threshold (several Telemetry objects can share
+  a loop: the smallest threshold drives detection), to the blamed task's runtime, or for
+  a stall outside background tasks to every runtime on the loop. When the heartbeat
   comes back the stall ends: ``block_ended`` with its duration, measured by the heartbeat
   (how late it ran: the time the loop was not available, a lower bound of the blocking
   code's own time by at most one beat).
@@ -426,19 +427,20 @@ class LoopProbe:
         return stall
 
     def report(self, stall: Stall, overdue: float) -> float:
-        """``block_detected`` (ongoing) to each runtime past its threshold, once."""
+        """``block_detected`` (ongoing), once, past the runtime's own threshold: to the
+        blamed task's runtime; a stall outside background tasks to every runtime on the
+        loop (no Telemetry owns it). A stall is counted once per cause: another
+        Telemetry's task is not reported as outside this one's tasks."""
         told = {id(runtime) for runtime, _, _ in stall.reported}
         wait = self.stall_poll
+        run = stall.run
         for runtime in list(self.runtimes):
-            if id(runtime) in told:
+            if id(runtime) in told or (run is not None and run.runtime is not runtime):
                 continue
             threshold = runtime.telemetry.block_threshold
             if overdue < threshold:
                 wait = min(wait, threshold - overdue)
                 continue
-            run = stall.run
-            if run is not None and run.runtime is not runtime:
-                run = None  # not one of this Telemetry's tasks: outside them, for it
             block = BlockRecord(
                 OUTSIDE if run is None else run.name,
                 overdue,
