@@ -20,6 +20,10 @@ No code runs per step, and per task only :func:`monitored`'s context variable:
   comes back the stall ends: ``block_ended`` with its duration, measured by the heartbeat
   (how late it ran: the time the loop was not available, a lower bound of the blocking
   code's own time by at most one beat).
+- **Not seen**: a stall during which the watchdog never ran (its thread starved of CPU
+  for the whole stall, or a C call holding the GIL until the loop is back at the
+  heartbeat) shows only in the lag histogram; a C call that holds the GIL is usually
+  sampled as it returns, in the task's next line.
 - **Busy time** (``loop_busy``) is a sampled estimate: at each look (about once per
   threshold while the loop is free, twice per threshold during a stall) the watchdog
   credits the time since its previous look to the background task whose code runs on the
@@ -52,6 +56,7 @@ if TYPE_CHECKING:
 _probes: weakref.WeakKeyDictionary[Any, LoopProbe] = weakref.WeakKeyDictionary()
 _probes_lock = threading.Lock()
 _get_ident = threading.get_ident
+_MAX_SPAN_STALLS = 64  # span events kept per task (a long task that keeps stalling)
 # The asyncio loop of the latest lookup and its probe: the per-task fast path of
 # :func:`probe_for` (one tuple read, a thread id and a running check). Cleared when that
 # probe stops.
@@ -459,7 +464,7 @@ class LoopProbe:
                     run.blocks += 1
                     if run.stalls is None:
                         run.stalls = [stall]
-                    else:
+                    elif len(run.stalls) < _MAX_SPAN_STALLS:
                         run.stalls.append(stall)
                 # Inside the lock: the end (another thread) is reported after this.
                 runtime.block_detected(block)
