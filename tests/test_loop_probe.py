@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import subprocess
 import sys
 import threading
@@ -427,3 +428,74 @@ def test_settle_ends_the_stall_from_the_loop_thread(fake_clock: FakeClock) -> No
     assert len(obs.logs.named("task.loop_blocked")) == 1
     (ended,) = obs.logs.named("task.loop_unblocked")
     assert ended["duration_s"] == pytest.approx(0.2)
+
+
+def test_context_of_reads_the_task_context_from_another_thread() -> None:
+    """The run in a task's context, read from another thread (the C task on 3.11 has no
+    get_context(): its first referenced Context), not a done callback's context."""
+    from taskscope._stepping import context_of, current_run
+
+    obs = make_observed()
+    run = _run_for(obs)
+    seen: list[Any] = []
+    ready, release = threading.Event(), threading.Event()
+
+    async def child() -> None:
+        ready.set()
+        release.wait(5)  # holds the loop while the other thread looks
+
+    async def main() -> None:
+        current_run.set(run)
+        loop = asyncio.get_running_loop()
+
+        def look() -> None:
+            ready.wait(5)
+            task = asyncio.current_task(loop)
+            context = context_of(task)
+            seen.append(None if context is None else context.get(current_run))
+            release.set()
+
+        thread = threading.Thread(target=look)
+        thread.start()
+        task = asyncio.ensure_future(child())
+        task.add_done_callback(lambda _: None, context=contextvars.Context())
+        await task
+        thread.join()
+
+    asyncio.run(main())
+    assert seen == [run]
+
+
+def test_an_idle_loop_is_not_blamed() -> None:
+    """A loop waiting in its selector (its heartbeat late only because its thread was
+    not scheduled) has nothing to blame; a blocking callback is outside tasks, at its line."""
+    from taskscope._stepping import Blamer
+
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+
+    def serve() -> None:
+        started.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        started.wait(5)
+        time.sleep(0.05)
+        assert thread.ident is not None
+        blamer = Blamer("asyncio", thread.ident, loop, None)
+        assert blamer.blame() is None  # waiting in select
+        loop.call_soon_threadsafe(blocking.outside, 0.3)
+        time.sleep(0.1)
+        blamed = blamer.blame()
+        assert blamed is not None
+        run, frames = blamed
+        assert run is None
+        assert frames[-1].f_code.co_name == "outside"
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
+    stopped = Blamer("asyncio", threading.get_ident(), loop, None)
+    assert stopped.blame() is None  # closed (not running)
