@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import subprocess
 import sys
 import threading
@@ -22,10 +23,10 @@ from starlette.testclient import TestClient
 
 import taskscope
 from taskscope import BackgroundTasks, _stepping
-from taskscope._probe import _probes, lifespan, probe_for
+from taskscope._probe import LoopProbe, _probes, beat_for, lifespan, probe_for
 from taskscope._run import TaskRun
 from taskscope._runtime import runtime_of
-from taskscope._stepping import StepMonitor, TimedCoroutine
+from taskscope._stepping import OUTSIDE
 from tests.conftest import Observed, make_observed
 from tests.scenarios import blocking
 
@@ -56,7 +57,7 @@ def test_no_thread_or_task_at_import() -> None:
 
 
 def test_started_lazily_and_stopped_with_asyncio_run() -> None:
-    """The first task starts the probe; asyncio.run's end stops it and restores the factory."""
+    """The first task starts the probe (no task factory); asyncio.run's end stops it."""
     obs = make_observed()
     seen: dict[str, Any] = {}
 
@@ -72,8 +73,7 @@ def test_started_lazily_and_stopped_with_asyncio_run() -> None:
         await asyncio.sleep(0.25)
 
     asyncio.run(main())
-    assert seen["factory"] is not None  # installed while running
-    assert seen["loop"].get_task_factory() is None  # restored
+    assert seen["factory"] is None  # no task factory: children are blamed via their context
     assert len(seen["threads"]) == 1
     assert not seen["threads"][0].is_alive()
     assert watchdogs() == []
@@ -175,6 +175,23 @@ def test_loop_closed_without_cancelling_its_tasks() -> None:
     assert loop not in _probes
 
 
+def test_a_stopped_loop_is_not_stalled() -> None:
+    """Between two run_until_complete calls the heartbeat cannot run: not a stall."""
+    obs = make_observed(block_threshold=0.05)
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(one_task(obs))
+        time.sleep(0.3)  # the loop is stopped (not closed): blocking.outside would be a stall
+        loop.run_until_complete(asyncio.sleep(0.05))
+    finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        for task in asyncio.all_tasks(loop):
+            task.cancel()
+        loop.run_until_complete(asyncio.sleep(0.01))
+        loop.close()
+    assert obs.logs.named("task.loop_blocked") == []
+
+
 def test_probe_off_installs_nothing() -> None:
     """loop_probe=False: no thread, no task factory, no lag, tasks still recorded."""
     obs = make_observed(loop_probe=False)
@@ -239,103 +256,246 @@ def fake_clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
     return clock
 
 
-async def _suspends_here() -> None:
-    await asyncio.sleep(0)  # suspended here
+class FakeBlamer:
+    """What the watchdog would find on the loop thread: ``run`` (None: not a task)."""
+
+    def __init__(self, run: TaskRun | None) -> None:
+        self.run = run
+
+    def run_now(self) -> TaskRun | None:
+        return self.run
+
+    def blame(self) -> tuple[TaskRun | None, list[Any]]:
+        return self.run, []
 
 
-async def _samples_itself(clock: FakeClock, monitor: StepMonitor, delays: list[float]) -> None:
-    clock.now += 0.05
-    delays.append(monitor.sample(0.2))
-    clock.now += 0.1
-    monitor.sample(0.2)  # past the threshold: reported, ongoing
-    monitor.sample(0.2)  # the same step: no second report
-    clock.now += 0.05
-    await asyncio.sleep(0)
+def _run_for(obs: Observed, name: str = "tests.fake.task") -> TaskRun:
+    return TaskRun(name, runtime_of(obs.telemetry))
 
 
-async def _slow_then_suspend(clock: FakeClock) -> None:
-    clock.now += 0.3
-    await asyncio.sleep(0)  # slow step ends
+def _probe(clock: FakeClock, *observed: Observed, run: TaskRun | None) -> LoopProbe:
+    """A probe driven by hand: no loop, no thread; the test plays heartbeat and watchdog."""
+    probe = LoopProbe("asyncio", FakeClock(), observed[0].telemetry)
+    for obs in observed:
+        probe.subscribe(runtime_of(obs.telemetry))
+    probe._blamer = FakeBlamer(run)  # type: ignore[assignment]
+    probe.beat_at = clock.now
+    probe.due = clock.now + probe.beat
+    return probe
 
 
-def _run_for(obs: Observed) -> TaskRun:
-    return TaskRun("tests.fake.task", runtime_of(obs.telemetry))
+def _heartbeat_returns(probe: LoopProbe, clock: FakeClock) -> None:
+    probe.came_back = probe.beat_at = clock.now
+    probe.due = clock.now + probe.beat
 
 
-def test_watchdog_reports_once_and_the_end_reuses_its_sample(fake_clock: FakeClock) -> None:
-    """Past the threshold the watchdog reports once (ongoing); the step's end completes it."""
+def test_beat_is_a_fifth_of_the_threshold_within_bounds() -> None:
+    assert beat_for(0.1) == pytest.approx(0.02)
+    assert beat_for(1.0) == 0.025
+    assert beat_for(0.001) == 0.002
+
+
+def test_a_stall_is_reported_once_and_ended_by_the_heartbeat(fake_clock: FakeClock) -> None:
+    """Past the threshold: one ongoing report; the heartbeat's return ends it, with the
+    duration the heartbeat measured (how late it ran)."""
     obs = make_observed(block_threshold=0.1)
-    monitor = StepMonitor(threading.get_ident())
-    delays: list[float] = []
-    coro = _samples_itself(fake_clock, monitor, delays)
-    timed = TimedCoroutine(coro, _run_for(obs), monitor)
-    timed.send(None)  # one step; the watchdog's samples run inside it
-    assert delays[0] == pytest.approx(0.051)  # before the threshold: sleep until it
-    coro.close()
-    events = obs.logs.named("task.loop_blocked")
-    assert [e["ongoing"] for e in events] == [True]
-    assert events[0]["duration_s"] == pytest.approx(0.15)
+    run = _run_for(obs)
+    probe = _probe(fake_clock, obs, run=run)
+    due = probe.due
+    fake_clock.now = due + 0.05
+    assert probe.check() == pytest.approx(0.05)  # sleeps until the threshold would pass
+    assert obs.logs.named("task.loop_blocked") == []
+    fake_clock.now = due + 0.12
+    probe.check()
+    probe.check()  # the same stall: no second report
+    fake_clock.now = due + 0.3
+    _heartbeat_returns(probe, fake_clock)
+    probe.check()
+    (event,) = obs.logs.named("task.loop_blocked")
+    assert (event["task"], event["ongoing"]) == ("tests.fake.task", True)
+    assert event["duration_s"] == pytest.approx(0.12)
+    (ended,) = obs.logs.named("task.loop_unblocked")
+    assert ended["duration_s"] == pytest.approx(0.3)
+    assert ended["location"] == event["location"]
     assert obs.value("taskscope_task_loop_blocks_total", task="tests.fake.task") == 1.0
     assert obs.value("taskscope_task_loop_block_seconds_sum", task="tests.fake.task") == (
-        pytest.approx(0.2)
+        pytest.approx(0.3)
     )
-    (ended,) = obs.logs.named("task.loop_unblocked")
-    assert ended["location"] == events[0]["location"]
-
-
-def test_without_a_sample_the_end_blames_where_the_step_stopped(fake_clock: FakeClock) -> None:
-    """No watchdog report (GIL held): the block is logged at the end, at the await it reached."""
-    obs = make_observed(block_threshold=0.1)
-    monitor = StepMonitor(threading.get_ident())
-    coro = _slow_then_suspend(fake_clock)
-    timed = TimedCoroutine(coro, _run_for(obs), monitor)
-    timed.send(None)  # runs to the asyncio.sleep(0): a 0.3 s step, never sampled
-    (event,) = obs.logs.named("task.loop_blocked")
-    assert event["ongoing"] is False
-    assert event["sampled"] is False
-    assert event["duration_s"] == pytest.approx(0.3)
-    with open(__file__) as source:
-        lines = source.read().splitlines()
-    line = next(n for n, text in enumerate(lines, start=1) if text.endswith("# slow step ends"))
-    assert event["location"] == f"{__file__}:{line}"
-    assert obs.value("taskscope_task_loop_blocks_total", task="tests.fake.task") == 1.0
-    coro.close()
-
-
-def test_a_step_that_ends_while_sampled_is_not_reported_twice(fake_clock: FakeClock) -> None:
-    """The watchdog never reports a step that is no longer running (torn reads)."""
-    obs = make_observed(block_threshold=0.1)
-    monitor = StepMonitor(threading.get_ident())
-    coro = _suspends_here()
-    timed = TimedCoroutine(coro, _run_for(obs), monitor)
-    outer = monitor.enter(timed)
+    assert run.blocks == 1
+    assert run.stalls is not None
+    assert [s.duration for s in run.stalls] == [pytest.approx(0.3)]
+    assert probe.stall is None
     fake_clock.now += 0.01
-    monitor.exit(timed, outer)
-    fake_clock.now += 1.0  # long after the step ended: nothing current
-    assert monitor.sample(0.05) == 0.05
+    probe.check()  # the loop is fine: nothing new
+    assert len(obs.logs.named("task.loop_blocked")) == 1
+
+
+def test_a_stall_outside_background_tasks_is_reported_as_such(fake_clock: FakeClock) -> None:
+    """No background task's code ran (an endpoint, a callback): blamed on no task."""
+    obs = make_observed(block_threshold=0.1)
+    innocent = _run_for(obs, "tests.fake.innocent")  # in flight, suspended
+    probe = _probe(fake_clock, obs, run=None)
+    fake_clock.now = probe.due + 0.11
+    probe.check()
+    (event,) = obs.logs.named("task.loop_blocked")
+    assert event["task"] == OUTSIDE
+    assert obs.value("taskscope_task_loop_blocks_total", task=OUTSIDE) == 1.0
+    assert innocent.blocks == 0
+
+
+def test_each_runtime_past_its_own_threshold(fake_clock: FakeClock) -> None:
+    """Two Telemetry objects on one loop: the smallest threshold detects; a task's stall
+    goes to its own Telemetry only, past that Telemetry's threshold."""
+    quick, slow = make_observed(block_threshold=0.1), make_observed(block_threshold=0.5)
+    run = _run_for(slow)
+    probe = _probe(fake_clock, quick, slow, run=run)
+    due = probe.due
+    fake_clock.now = due + 0.2
+    assert probe.check() == pytest.approx(0.05)  # during a stall: half the threshold
+    assert slow.logs.named("task.loop_blocked") == []
+    fake_clock.now = due + 0.49
+    assert probe.check() == pytest.approx(0.01)  # wakes when the larger threshold passes
+    fake_clock.now = due + 0.51
+    probe.check()
+    assert [e["task"] for e in slow.logs.named("task.loop_blocked")] == ["tests.fake.task"]
+    fake_clock.now = due + 0.6
+    _heartbeat_returns(probe, fake_clock)
+    probe.check()
+    assert [e["duration_s"] for e in slow.logs.named("task.loop_unblocked")] == [pytest.approx(0.6)]
+    assert run.blocks == 1
+    assert quick.logs.named("task.loop_blocked") == []  # another Telemetry's task
+    assert quick.logs.named("task.loop_unblocked") == []
+
+
+def test_a_stall_outside_tasks_goes_to_every_runtime(fake_clock: FakeClock) -> None:
+    """No task to blame: each Telemetry on the loop is told, past its own threshold."""
+    quick, slow = make_observed(block_threshold=0.1), make_observed(block_threshold=0.5)
+    probe = _probe(fake_clock, quick, slow, run=None)
+    due = probe.due
+    fake_clock.now = due + 0.2
+    probe.check()
+    assert [e["task"] for e in quick.logs.named("task.loop_blocked")] == [OUTSIDE]
+    assert slow.logs.named("task.loop_blocked") == []
+    fake_clock.now = due + 0.3
+    _heartbeat_returns(probe, fake_clock)
+    probe.check()
+    assert [e["duration_s"] for e in quick.logs.named("task.loop_unblocked")] == [
+        pytest.approx(0.3)
+    ]
+    assert slow.logs.named("task.loop_blocked") == []  # shorter than its threshold
+
+
+def test_a_stall_shorter_than_the_threshold_is_not_reported(fake_clock: FakeClock) -> None:
+    obs = make_observed(block_threshold=0.1)
+    probe = _probe(fake_clock, obs, run=_run_for(obs))
+    fake_clock.now = probe.due + 0.09
+    probe.check()
+    _heartbeat_returns(probe, fake_clock)
+    probe.check()
     assert obs.logs.named("task.loop_blocked") == []
-    assert _run_for(obs).busy == 0.0
-    coro.close()
 
 
-def test_nested_steps_split_busy_time(fake_clock: FakeClock) -> None:
-    """A step inside another (eager child, nested run): each run gets its own share."""
-    obs = make_observed(block_threshold=10.0)
-    monitor = StepMonitor(threading.get_ident())
-    outer_run, inner_run = _run_for(obs), _run_for(obs)
-    c1, c2 = _suspends_here(), _suspends_here()
-    a, b = TimedCoroutine(c1, outer_run, monitor), TimedCoroutine(c2, inner_run, monitor)
-    top = monitor.enter(a)
-    fake_clock.now += 1.0
-    inner = monitor.enter(b)
-    assert inner is a
-    fake_clock.now += 2.0
-    monitor.exit(b, inner)
-    assert monitor.current is a
-    fake_clock.now += 4.0
-    monitor.exit(a, top)
-    assert monitor.current is None
-    assert inner_run.busy == pytest.approx(2.0)
-    assert outer_run.busy == pytest.approx(5.0)
-    c1.close()
-    c2.close()
+def test_busy_time_is_sampled(fake_clock: FakeClock) -> None:
+    """Each look credits the time since the previous one to the task found running."""
+    obs = make_observed(block_threshold=0.1)
+    run = _run_for(obs)
+    probe = _probe(fake_clock, obs, run=run)
+    probe._last_sample = fake_clock.now
+    for _ in range(5):
+        fake_clock.now += 0.02
+        _heartbeat_returns(probe, fake_clock)  # a busy loop, never stalled
+        probe.check()
+    assert run.busy == pytest.approx(0.1)
+    probe._blamer = FakeBlamer(None)  # type: ignore[assignment]
+    fake_clock.now += 0.02
+    probe.check()
+    assert run.busy == pytest.approx(0.1)
+
+
+def test_settle_ends_the_stall_from_the_loop_thread(fake_clock: FakeClock) -> None:
+    """settle(): the loop runs again, so the open stall ends now, once."""
+    obs = make_observed(block_threshold=0.1)
+    probe = _probe(fake_clock, obs, run=_run_for(obs))
+    fake_clock.now = probe.due + 0.15
+    probe.check()
+    stall = probe.stall
+    assert stall is not None
+    fake_clock.now += 0.05
+    probe.end_stall(stall, fake_clock.now)
+    probe.check()  # still no heartbeat: not a second stall
+    _heartbeat_returns(probe, fake_clock)
+    probe.check()
+    assert len(obs.logs.named("task.loop_blocked")) == 1
+    (ended,) = obs.logs.named("task.loop_unblocked")
+    assert ended["duration_s"] == pytest.approx(0.2)
+
+
+def test_context_of_reads_the_task_context_from_another_thread() -> None:
+    """The run in a task's context, read from another thread (the C task on 3.11 has no
+    get_context(): its first referenced Context), not a done callback's context."""
+    from taskscope._stepping import context_of, current_run
+
+    obs = make_observed()
+    run = _run_for(obs)
+    seen: list[Any] = []
+    ready, release = threading.Event(), threading.Event()
+
+    async def child() -> None:
+        ready.set()
+        release.wait(5)  # holds the loop while the other thread looks
+
+    async def main() -> None:
+        current_run.set(run)
+        loop = asyncio.get_running_loop()
+
+        def look() -> None:
+            ready.wait(5)
+            task = asyncio.current_task(loop)
+            context = context_of(task)
+            seen.append(None if context is None else context.get(current_run))
+            release.set()
+
+        thread = threading.Thread(target=look)
+        thread.start()
+        task = asyncio.ensure_future(child())
+        task.add_done_callback(lambda _: None, context=contextvars.Context())
+        await task
+        thread.join()
+
+    asyncio.run(main())
+    assert seen == [run]
+
+
+def test_an_idle_loop_is_not_blamed() -> None:
+    """A loop waiting in its selector (its heartbeat late only because its thread was
+    not scheduled) has nothing to blame; a blocking callback is outside tasks, at its line."""
+    from taskscope._stepping import Blamer
+
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+
+    def serve() -> None:
+        started.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        started.wait(5)
+        time.sleep(0.05)
+        assert thread.ident is not None
+        blamer = Blamer("asyncio", thread.ident, loop, None)
+        assert blamer.blame() is None  # waiting in select
+        loop.call_soon_threadsafe(blocking.outside, 0.3)
+        time.sleep(0.1)
+        blamed = blamer.blame()
+        assert blamed is not None
+        run, frames = blamed
+        assert run is None
+        assert frames[-1].f_code.co_name == "outside"
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
+    stopped = Blamer("asyncio", threading.get_ident(), loop, None)
+    assert stopped.blame() is None  # closed (not running)

@@ -20,7 +20,7 @@ from taskscope._instrumentor import (
 )
 from taskscope._naming import task_name
 from taskscope._probe import lifespan, start_loop_probe
-from taskscope._record import BlockRecord, HungRecord, Outcome, TaskRecord
+from taskscope._record import OUTSIDE_TASKS, BlockRecord, HungRecord, Outcome, TaskRecord
 from taskscope._redact import redact_secrets
 from taskscope._sink import Sink
 
@@ -34,6 +34,7 @@ __all__ = (
     "BlockRecord",
     "HungRecord",
     "MetricsApp",
+    "OUTSIDE_TASKS",
     "Outcome",
     "Sink",
     "SpanMode",

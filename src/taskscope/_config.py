@@ -67,11 +67,12 @@ class Telemetry:
     redact: Callable[[str], str] = redact_secrets
     """Applied to every exception message before it is recorded anywhere."""
     loop_probe: bool = True
-    """Measure event-loop lag and detect steps of async tasks that block the loop."""
+    """Measure event-loop lag and detect loop stalls, blamed on the background task running."""
     block_threshold: float = 0.1
-    """A step of an async task that holds the loop this long (seconds) is a block."""
+    """The loop not back for this long (seconds) is a stall (a block); the loop's heartbeat
+    runs every fifth of the smallest threshold on the loop (2 to 25 ms)."""
     lag_interval: float = 0.1
-    """Seconds between two heartbeats of the loop-lag probe."""
+    """Seconds between two observations of the loop lag (the largest of the interval)."""
     hung_after: float | None = 60.0
     """A task still running after this many seconds is reported as hung (``task.hung``),
     with where it is waiting; then again at a bounded back-off while it runs. ``None``:

@@ -16,6 +16,9 @@ Outcome = Literal[
     "revoked",
     "rejected",
 ]
+OUTSIDE_TASKS = "<outside background tasks>"
+"""The ``task`` of a loop stall caused by code that is not a background task (of that
+Telemetry): an endpoint, a middleware, a loop callback, another library's task."""
 NOT_RUN_OUTCOMES: frozenset[str] = frozenset({"skipped", "abandoned", "revoked", "rejected"})
 """Outcomes of tasks that may never have started: with a zero duration, no duration is
 recorded for them (no empty or misleading run-time series)."""

@@ -139,6 +139,8 @@ class TaskRun:
     coro: Any = None  # async: the task's coroutine (awaitable)
     thread: int | None = None  # sync: the worker thread running it (0: done there)
     hung = 0  # back-off steps reported as hung (0: never)
+    # Loop stalls blamed on this task (the probe's watchdog appends; rare).
+    stalls: list[Any] | None = None
 
     def __init__(self, name: str, runtime: Runtime, threshold: float | None = None) -> None:
         self.name = name

@@ -1,30 +1,45 @@
-"""Per-step timing of async tasks: the stretch between two suspensions of a coroutine.
+"""Loop stalls: what the watchdog samples, whom it blames, and where.
 
-The loop thread marks the step that holds the loop (``StepMonitor.current``: one reference
-store per step boundary); the watchdog thread reads it and, once a step is past its
-threshold, samples the loop thread's stack. Steps are told apart by ``(step, started)``:
-``started`` is written before ``current``, so a reader that sees the same pair twice saw
-one step.
+Nothing here runs per step or per task. The watchdog thread of a loop probe
+(:mod:`taskscope._probe`) calls :func:`blame` when the loop has not serviced its heartbeat
+for longer than the threshold (a stall) and, at a low rate, to estimate each task's busy
+time. Blame comes from the loop thread as it is *now*:
+
+- asyncio and uvloop: the loop's current task (``asyncio.current_task(loop)`` reads the
+  tasks dict, from any thread) and the :data:`current_run` in that task's context. A
+  background task's own code runs in the task that awaits it, where
+  :func:`taskscope._probe.monitored` set :data:`current_run`; children started with
+  ``asyncio.gather``, ``create_task``, asyncio/anyio task groups inherit it (a task copies
+  the context it is created in). The context is ``Task.get_context()`` on 3.12+, the first
+  ``Context`` the task references on 3.11 (the C task's ``tp_traverse`` visits it first).
+- trio: the task whose root coroutine is the outermost coroutine frame of the loop thread's
+  stack, found in the task tree from the root task (nurseries' children), and the
+  :data:`current_run` of its ``context``.
+
+No run: the code running is not a background task's (an endpoint, a loop callback, the
+loop's own scheduling of many short steps) and the stall is reported as such
+(:data:`OUTSIDE`), never on a task that merely is in flight.
 """
 
 from __future__ import annotations
 
-import collections.abc
+import asyncio
 import contextvars
+import gc
 import os
 import sys
-import threading
 import time
-from collections.abc import Generator
-from typing import TYPE_CHECKING, Any, Protocol
+import weakref
+from typing import TYPE_CHECKING, Any
 
-from taskscope._record import BlockRecord
+from taskscope._record import OUTSIDE_TASKS, BlockRecord
 from taskscope._safe import code_location_attributes, safe_text
 
 if TYPE_CHECKING:
     from types import FrameType
 
     from taskscope._run import TaskRun
+    from taskscope._runtime import Runtime
 
 # The taskscope task whose code is running; inherited by child tasks (gather, task groups).
 current_run: contextvars.ContextVar[TaskRun | None] = contextvars.ContextVar(
@@ -32,158 +47,200 @@ current_run: contextvars.ContextVar[TaskRun | None] = contextvars.ContextVar(
 )
 
 # The probe measures real time whatever clock a Telemetry carries: one loop is shared by
-# every Telemetry that runs tasks on it. (Module global: the fastest lookup on the hot path.)
+# every Telemetry that runs tasks on it. (Module global: patched by tests.)
 clock = time.perf_counter
 
+OUTSIDE = OUTSIDE_TASKS
+
 _STACK_DEPTH = 8
-_LATE = 0.001  # the watchdog wakes this long after a step would cross its threshold
 _MAX_FRAMES = 128
+_MAX_TREE = 10_000  # trio tasks visited to find the running one
+_CO_COROUTINE = 0x80  # inspect.CO_COROUTINE
 
 
-class Step(Protocol):
-    """What the monitor and the watchdog read of the step holding the loop."""
+class Stall:
+    """One stall of the loop: the heartbeat due at ``due`` has not run (yet).
 
-    run: TaskRun
-    started: float
-    threshold: float
-    coro: Any
-
-
-class StepMonitor:
-    """The step currently holding one event loop, shared with that loop's watchdog.
-
-    Written on the loop thread at every step boundary (reference stores), read by the
-    watchdog thread. Only steps longer than their threshold take the lock.
+    Opened by the watchdog once the heartbeat is ``threshold`` late; blamed on what ran then.
+    ``reported`` holds, per runtime told, the run blamed (``None``: outside its tasks) and
+    the ongoing record sent. ``duration`` is set when the stall ends (``ended``).
     """
 
-    __slots__ = ("current", "lock", "loop_thread", "reported", "reported_at", "reported_step")
+    __slots__ = ("due", "duration", "ended", "location", "reported", "run", "stack", "wall")
 
-    def __init__(self, loop_thread: int) -> None:
+    def __init__(
+        self, due: float, run: TaskRun | None, location: str, stack: tuple[str, ...]
+    ) -> None:
+        self.due = due
+        self.run = run
+        self.location = location
+        self.stack = stack
+        self.reported: list[tuple[Runtime, TaskRun | None, BlockRecord]] = []
+        self.ended = False
+        self.duration = 0.0
+        # Wall-clock start (ns): the span event's timestamp.
+        self.wall = time.time_ns() - int((clock() - due) * 1e9)
+
+
+def context_of(task: Any) -> contextvars.Context | None:
+    """The context an asyncio task's steps run in (readable from another thread)."""
+    get = getattr(task, "get_context", None)  # 3.12+
+    if get is not None:
+        context: contextvars.Context = get()
+        return context
+    own = getattr(task, "_context", None)  # the pure-Python Task
+    if isinstance(own, contextvars.Context):
+        return own
+    for referent in gc.get_referents(task):  # the C Task of 3.11: its context comes first
+        if type(referent) is contextvars.Context:
+            return referent
+    return None
+
+
+class Blamer:
+    """Finds the background task running on one loop thread, from another thread."""
+
+    def __init__(self, library: str, loop_thread: int, loop: Any, root_task: Any) -> None:
+        self.library = library
         self.loop_thread = loop_thread
-        self.current: Step | None = None
-        self.reported_step: Step | None = None
-        self.reported_at = 0.0
-        self.reported: BlockRecord | None = None
-        self.lock = threading.Lock()
+        self.loop = loop
+        self.root_task = root_task  # trio: the task tree's root
+        self._trio_tasks: dict[int, weakref.ref[Any]] = {}  # root frame id -> trio task
 
-    # -- loop thread -----------------------------------------------------------------
-    def enter(self, step: Step) -> Step | None:
-        """Start timing ``step``; returns the step it interrupts (nested steps), if any."""
-        outer = self.current
-        step.started = clock()
-        self.current = step
-        return outer
-
-    def exit(self, step: Step, outer: Step | None) -> None:
-        """End ``step`` (entered with :meth:`enter`), resuming ``outer``."""
-        start = step.started
-        elapsed = clock() - start
-        self.current = outer
-        step.run.busy += elapsed
-        if elapsed >= step.threshold or outer is not None:
-            self.step_ended(step, start, elapsed, outer)
-
-    def step_ended(self, step: Step, start: float, elapsed: float, outer: Step | None) -> None:
-        """The rare end of a step: it blocked the loop, or it interrupted another step."""
-        if outer is not None:
-            # The outer step's share up to the inner one; it resumes now. (Its block
-            # threshold counts from here: an inner task's time is not the outer's.)
-            outer.run.busy += start - outer.started
-            outer.started = start + elapsed
-        if elapsed >= step.threshold:
-            self.slow_step_ended(step, start, elapsed)
-
-    def slow_step_ended(self, step: Step, started: float, elapsed: float) -> None:
-        """A step held the loop past its threshold: record it (loop thread, after the step)."""
-        run = step.run
-        with self.lock:
-            reported = None
-            if self.reported_step is step and self.reported_at == started:
-                reported = self.reported
-            self.reported_step = None
-            self.reported = None
-        run.blocks += 1
-        if reported is not None:
-            location, stack, sampled = reported.location, reported.stack, True
-        else:
-            # No sample (the blocking call held the GIL, or the step was shorter than a
-            # watchdog poll): where the step's coroutine is suspended now, or for one that
-            # finished, the function that ran.
-            location, stack = describe(_suspended_frames(step.coro))
-            if not stack:
-                location = _code_location(step.coro)
-            sampled = False
-        block = BlockRecord(
-            run.name, elapsed, location, stack, sampled, False, run.trace_id, run.span_id
-        )
-        _add_span_event(run, block)
-        run.runtime.block_ended(block, reported=reported is not None)
-
-    # -- watchdog thread -----------------------------------------------------------------
-    def sample(self, idle: float) -> float:
-        """Report the running step if it is past its threshold (once per step).
-
-        Returns the seconds to wait before the next look: until the running step would
-        cross its threshold, else ``idle`` (at most the smallest threshold, so that a step
-        starting right after this look is seen before it crosses its own).
-        """
-        step = self.current
-        if step is None:
-            return idle
-        started = step.started
-        if step is not self.current:
-            return 0.0  # changed while we read: look again
-        elapsed = clock() - started
-        if elapsed < step.threshold:
-            return min(idle, step.threshold - elapsed + _LATE)
-        if self.reported_step is step and self.reported_at == started:
-            return idle
-        coro = step.coro
+    def run_now(self) -> TaskRun | None:
+        """The run whose code holds the loop now (busy sampling: no stack unless trio)."""
+        if self.library != "trio":
+            task = asyncio.current_task(self.loop)
+            if task is None:
+                return None
+            context = context_of(task)
+            return None if context is None else context.get(current_run)
         frame = sys._current_frames().get(self.loop_thread)
-        if frame is None or not getattr(coro, "cr_running", True):
-            return _LATE  # between steps (the loop is in scheduling code): nothing to blame
-        location, stack = describe(_running_frames(frame, getattr(coro, "cr_frame", None)))
-        run = step.run
-        block = BlockRecord(
-            run.name, elapsed, location, stack, True, True, run.trace_id, run.span_id
-        )
-        with self.lock:
-            if self.current is not step or step.started != started:
-                return 0.0  # the step ended while we looked: the loop side records it
-            if self.reported_step is step and self.reported_at == started:
-                return idle
-            self.reported_step, self.reported_at, self.reported = step, started, block
-            # Inside the lock: the loop side records the step's end after this report.
-            run.runtime.block_detected(block)
-        return idle
+        if frame is None:
+            return None
+        task = self._trio_task(_outermost_coroutine(frame))
+        return None if task is None else task.context.get(current_run)
+
+    def blame(self) -> tuple[TaskRun | None, list[FrameType]] | None:
+        """The run holding the loop now (``None``: not a background task) and the frames
+        of what runs, outermost first (from the running task's coroutine inward).
+
+        ``None`` if no code holds the loop: it is stopped (asyncio between two
+        ``run_until_complete``), or waits in its selector, or (trio) runs no task, as when
+        a guest run's host thread waits: a heartbeat that is late then was woken late (CPU
+        contention, a guest run's host), which is not a stall caused by code.
+        """
+        frame = sys._current_frames().get(self.loop_thread)
+        if frame is None:
+            return None
+        run: TaskRun | None = None
+        root: FrameType | None = None
+        if self.library != "trio":
+            loop = self.loop
+            if loop is not None and not loop.is_running():
+                return None
+            task = asyncio.current_task(loop)
+            if task is not None:
+                context = context_of(task)
+                run = None if context is None else context.get(current_run)
+                root = getattr(task.get_coro(), "cr_frame", None)
+            elif frame.f_code.co_filename.startswith(_loop_machinery()):
+                return None  # waiting in the selector, or between two callbacks
+        else:
+            root = _outermost_coroutine(frame)
+            if root is None:
+                return None  # no task runs: the scheduler, or the I/O wait
+            task = self._trio_task(root)
+            if task is not None:
+                run = task.context.get(current_run)
+        return run, _running_frames(frame, root)
+
+    def _trio_task(self, root: FrameType | None) -> Any:
+        if root is None:
+            return None
+        cached = self._trio_tasks.get(id(root))
+        task = cached() if cached is not None else None
+        if task is not None and getattr(task.coro, "cr_frame", None) is root:
+            return task
+        found = None
+        pending = [self.root_task]
+        for _ in range(_MAX_TREE):
+            if not pending:
+                break
+            task = pending.pop()
+            if getattr(task.coro, "cr_frame", None) is root:
+                found = task
+                break
+            for nursery in tuple(task.child_nurseries):
+                pending.extend(tuple(nursery.child_tasks))
+        if found is not None:
+            if len(self._trio_tasks) > 1024:
+                self._trio_tasks.clear()
+            self._trio_tasks[id(root)] = weakref.ref(found)
+        return found
 
 
-def _add_span_event(run: TaskRun, block: BlockRecord) -> None:
+_machinery: tuple[str, ...] = ()
+
+
+def _loop_machinery() -> tuple[str, ...]:
+    """Source paths of the asyncio loop itself: its package, ``selectors``, uvloop."""
+    global _machinery  # noqa: PLW0603 - computed once
+    if not _machinery:
+        import selectors
+
+        paths = [os.path.join(os.path.dirname(asyncio.__file__), ""), selectors.__file__]
+        uvloop = sys.modules.get("uvloop")
+        if uvloop is not None and getattr(uvloop, "__file__", None):
+            paths.append(os.path.join(os.path.dirname(str(uvloop.__file__)), ""))
+        _machinery = tuple(paths)
+    return _machinery
+
+
+def _outermost_coroutine(frame: FrameType) -> FrameType | None:
+    """The outermost coroutine frame of a stack: a trio task's root coroutine (trio's
+    runner, a generator, sends into it)."""
+    found = None
+    current: FrameType | None = frame
+    for _ in range(_MAX_FRAMES * 2):
+        if current is None:
+            break
+        if current.f_code.co_flags & _CO_COROUTINE:
+            found = current
+        current = current.f_back
+    return found
+
+
+def add_span_events(run: TaskRun) -> None:
+    """The ``loop.blocked`` span events of the stalls blamed on ``run`` (loop thread, as
+    the task ends: before its span does), timestamped when each stall started."""
     span = run.span
-    if span is None:
+    stalls = run.stalls
+    if span is None or not stalls:
         return
-    try:
-        span.add_event(
-            "loop.blocked",
-            {
-                "taskscope.block.duration": block.duration,  # seconds
-                # file paths can hold lone surrogates (undecodable bytes): escaped
-                **code_location_attributes(block.location),
-                "taskscope.block.sampled": block.sampled,
-                "taskscope.block.stack": [safe_text(line) for line in block.stack],
-            },
-        )
-    except Exception:
-        run.runtime.absorb("tracing")
+    now = clock()
+    for stall in tuple(stalls):
+        duration = stall.duration if stall.ended else now - stall.due
+        try:
+            span.add_event(
+                "loop.blocked",
+                {
+                    "taskscope.block.duration": duration,  # seconds
+                    # file paths can hold lone surrogates (undecodable bytes): escaped
+                    **code_location_attributes(stall.location),
+                    "taskscope.block.sampled": True,
+                    "taskscope.block.stack": [safe_text(line) for line in stall.stack],
+                },
+                timestamp=stall.wall,
+            )
+        except Exception:
+            run.runtime.absorb("tracing")
 
 
 # -- locations -----------------------------------------------------------------------------
 def _running_frames(frame: FrameType, root: FrameType | None) -> list[FrameType]:
-    """The loop thread's frames from the step's coroutine (``root``) inward, outermost first.
-
-    Without ``root`` on the stack (a trio task's step before its coroutine resumed): the
-    whole stack.
-    """
+    """The loop thread's frames from the running task's coroutine (``root``) inward,
+    outermost first. Without ``root`` on the stack (a loop callback): the whole stack."""
     frames: list[FrameType] = []
     current: FrameType | None = frame
     while current is not None and len(frames) < _MAX_FRAMES:
@@ -195,22 +252,8 @@ def _running_frames(frame: FrameType, root: FrameType | None) -> list[FrameType]
     return frames
 
 
-def _suspended_frames(coro: Any) -> list[FrameType]:
-    """Frames of a suspended coroutine chain (``await`` by ``await``), outermost first."""
-    frames: list[FrameType] = []
-    for _ in range(_MAX_FRAMES):
-        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
-        if frame is None:
-            break
-        frames.append(frame)
-        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
-        if coro is None:
-            break
-    return frames
-
-
 def describe(frames: list[FrameType]) -> tuple[str, tuple[str, ...]]:
-    """``(location, stack)`` of a step's frames (outermost first).
+    """``(location, stack)`` of the frames that ran (outermost first).
 
     The stack keeps the innermost frames as ``file:line in function`` without the event
     loop's and taskscope's own. The location is the innermost frame of the app's code:
@@ -248,12 +291,16 @@ class _PathKinds:
     _instance: _PathKinds | None = None
 
     def __init__(self) -> None:
-        import sysconfig
-
-        paths = sysconfig.get_paths()
-        self.stdlib = tuple(
-            {os.path.join(paths[k], "") for k in ("stdlib", "platstdlib") if k in paths}
-        )
+        # The standard library is where ``os`` lives (importing ``sysconfig`` here would
+        # take ~70 ms, in the watchdog thread, holding the import lock and the GIL).
+        stdlib = {os.path.join(os.path.dirname(os.__file__), "")}
+        sysconfig = sys.modules.get("sysconfig")
+        if sysconfig is not None:
+            paths = sysconfig.get_paths()
+            stdlib.update(
+                os.path.join(paths[k], "") for k in ("stdlib", "platstdlib") if k in paths
+            )
+        self.stdlib = tuple(stdlib)
         here = os.path.dirname(os.path.abspath(__file__))
         skip = [os.path.join(here, "_")]
         for module in ("asyncio", "anyio", "trio", "sniffio", "outcome", "uvloop"):
@@ -287,89 +334,3 @@ class _PathKinds:
         if filename.startswith((*self.stdlib, "<")):
             return _STDLIB
         return _APP
-
-
-def _code_location(coro: Any) -> str:
-    code = getattr(coro, "cr_code", None) or getattr(coro, "gi_code", None)
-    if code is None:
-        return "<unknown>"
-    return f"{code.co_filename}:{code.co_firstlineno}"
-
-
-# -- the asyncio side: a coroutine wrapper -----------------------------------------------
-class TimedCoroutine(collections.abc.Coroutine[Any, Any, Any]):
-    """Wraps a coroutine; every ``send``/``throw`` into it is one timed step.
-
-    Awaited by :func:`taskscope._probe.monitored` for a task's own coroutine, and what the
-    asyncio task factory wraps child tasks in, so it is a real ``Coroutine`` (passes
-    ``asyncio.iscoroutine``) and exposes the ``cr_*`` attributes. ``send`` is the hot
-    path: :meth:`StepMonitor.enter`/:meth:`StepMonitor.exit` inlined.
-    """
-
-    __slots__ = ("coro", "monitor", "run", "started", "threshold")
-
-    def __init__(self, coro: Any, run: TaskRun, monitor: StepMonitor) -> None:
-        self.coro = coro
-        self.run = run
-        self.monitor = monitor
-        self.threshold = run.threshold
-        self.started = 0.0
-
-    def send(self, value: Any = None) -> Any:
-        monitor = self.monitor
-        outer = monitor.current
-        self.started = start = clock()  # before ``current``: see the module docstring
-        monitor.current = self
-        try:
-            return self.coro.send(value)
-        finally:
-            elapsed = clock() - start
-            monitor.current = outer
-            self.run.busy += elapsed
-            if elapsed >= self.threshold or outer is not None:
-                monitor.step_ended(self, start, elapsed, outer)
-
-    __next__ = send
-
-    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
-        monitor = self.monitor
-        outer = monitor.enter(self)
-        try:
-            if val is None and tb is None:
-                return self.coro.throw(typ)
-            return self.coro.throw(typ, val, tb)  # pragma: no cover - legacy signature
-        finally:
-            monitor.exit(self, outer)
-
-    def close(self) -> None:
-        self.coro.close()
-
-    def __await__(self) -> Generator[Any, None, Any]:
-        return self
-
-    def __iter__(self) -> TimedCoroutine:
-        return self
-
-    # Introspection used by asyncio, anyio, trio and debuggers.
-    @property
-    def cr_frame(self) -> Any:
-        return getattr(self.coro, "cr_frame", None)
-
-    @property
-    def cr_running(self) -> bool:
-        return bool(getattr(self.coro, "cr_running", False))
-
-    @property
-    def cr_await(self) -> Any:
-        return getattr(self.coro, "cr_await", None)
-
-    @property
-    def cr_code(self) -> Any:
-        return getattr(self.coro, "cr_code", None)
-
-    @property
-    def cr_suspended(self) -> bool:
-        return bool(getattr(self.coro, "cr_suspended", False))
-
-    def __repr__(self) -> str:
-        return f"<taskscope timed {self.coro!r}>"

@@ -18,8 +18,10 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING, Any
 
+from taskscope._probe import settle
 from taskscope._record import BlockRecord, HungRecord, TaskRecord
 from taskscope._runtime import live_runtimes, runtime_created, runtime_of
+from taskscope._stepping import OUTSIDE
 
 if TYPE_CHECKING:
     from taskscope._config import Telemetry
@@ -35,7 +37,9 @@ class Captured:
         self.tasks: list[TaskRecord] = []
         """One record per task that ended (any outcome)."""
         self.blocks: list[BlockRecord] = []
-        """One per step that blocked the loop, when the step ended (full duration)."""
+        """One per loop stall, when it ended (full duration; recorded when the loop's
+        heartbeat comes back, or when the capture exits). Stalls outside background tasks
+        have the task ``taskscope.OUTSIDE_TASKS``."""
         self.detections: list[BlockRecord] = []
         """The watchdog's reports while a block was still running (``ongoing=True``)."""
         self.hung: list[HungRecord] = []
@@ -45,8 +49,13 @@ class Captured:
     def failures(self) -> list[TaskRecord]:
         return [t for t in self.tasks if t.outcome == "failure"]
 
-    def blocking(self, threshold: float | None = None) -> list[BlockRecord]:
-        """Blocks (ended, or still running if never ended) at least ``threshold`` long."""
+    def blocking(
+        self, threshold: float | None = None, *, outside: bool = False
+    ) -> list[BlockRecord]:
+        """Blocks of background tasks (ended, or still running if never ended) at least
+        ``threshold`` long; ``outside=True`` also those of other code (an endpoint, a loop
+        callback: task ``taskscope.OUTSIDE_TASKS``), which :func:`assert_no_blocking` and
+        the guard do not count."""
         with self._lock:
             ended = list(self.blocks)
             ongoing = [
@@ -55,6 +64,8 @@ class Captured:
                 if not any(_same_block(d, b) for b in ended)  # still blocking (a hang)
             ]
         found = ended + ongoing
+        if not outside:
+            found = [b for b in found if b.task != OUTSIDE]
         if threshold is not None:
             found = [b for b in found if b.duration >= threshold or b.ongoing]
         return found
@@ -147,6 +158,7 @@ def capture(telemetry: Telemetry | None = None) -> Iterator[Captured]:
     try:
         yield captured
     finally:
+        settle()  # a stall that just ended: its end recorded now, not a beat later
         if hook in runtime_created:
             runtime_created.remove(hook)
         for runtime in attached:

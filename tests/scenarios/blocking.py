@@ -118,3 +118,23 @@ async def one_long_step(count: int = 20, each: float = 0.03) -> None:
     for _ in range(count):
         time.sleep(each)  # BLOCK: long-step
     await anyio.lowlevel.checkpoint()
+
+
+async def short_step(each: float = 0.01) -> None:
+    """One short step after a yield: many of these resumed together stall one iteration."""
+    await anyio.lowlevel.checkpoint()
+    time.sleep(each)  # BLOCK: short-step
+    await anyio.lowlevel.checkpoint()
+
+
+def outside(seconds: float = BLOCK) -> None:
+    """Blocking code that is no background task's (an endpoint's, a loop callback's)."""
+    time.sleep(seconds)  # BLOCK: outside
+
+
+async def trio_nursery() -> None:
+    import trio
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_child, False)
+        nursery.start_soon(_child, True)

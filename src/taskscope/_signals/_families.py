@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Literal, NamedTuple
 
+from taskscope._record import OUTSIDE_TASKS
 from taskscope._signals._buckets import BLOCK_SECONDS, LAG_SECONDS, TASK_SECONDS
 
 ZEROED_OUTCOMES = ("success", "failure", "cancelled", "skipped", "abandoned")
@@ -92,19 +93,19 @@ FAMILIES = (
     ),
     FamilySpec(
         "loop_blocks", "counter", "taskscope_task_loop_blocks",
-        "Steps of async tasks that held the event loop longer than the threshold.",
+        "Event-loop stalls longer than the threshold, by the task blamed (or outside tasks).",
         ("task",),
         otel_name="taskscope.task.loop_blocks", otel_unit="{step}",
     ),
     FamilySpec(
         "loop_block_seconds", "histogram", "taskscope_task_loop_block_seconds",
-        "Duration of the steps that blocked the event loop.",
+        "Duration of the event-loop stalls, measured by the loop heartbeat.",
         ("task",), BLOCK_SECONDS,
         otel_name="taskscope.task.loop_block", otel_unit="s",
     ),
     FamilySpec(
         "loop_busy", "counter", "taskscope_task_loop_busy_seconds",
-        "Seconds async tasks held the event loop (sum of their steps).",
+        "Seconds async tasks held the event loop (sampled estimate).",
         ("task",),
         otel_name="taskscope.task.loop_busy", otel_unit="s",
     ),
@@ -137,6 +138,8 @@ def zero_series(name: str) -> list[tuple[str, tuple[str, ...]]]:
     to see: without these zeros the first skip, loop block or misuse of a task (and the
     first failure, for the failure-ratio alert) would never fire an alert.
     """
+    if name == OUTSIDE_TASKS:  # not a task: only the stalls' counter
+        return [("loop_blocks", (name,))]
     return [
         *(("tasks", (name, outcome)) for outcome in ZEROED_OUTCOMES),
         ("loop_blocks", (name,)),
