@@ -21,7 +21,7 @@ import httpx
 import pytest
 import uvicorn
 from prometheus_client import CollectorRegistry, Counter, make_asgi_app
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
 from prometheus_client.registry import Collector
 from starlette.applications import Starlette
@@ -368,6 +368,26 @@ def test_render_restores_interpreter_settings() -> None:
             assert not gc.isenabled()
         finally:
             gc.enable()
+
+
+def test_polite_false_leaves_interpreter_settings_alone() -> None:
+    """polite=False: the collector stays on and the switch interval untouched during the
+    render (checked from inside it, by a collector)."""
+    seen: list[tuple[bool, float]] = []
+
+    class Probe(Collector):
+        def collect(self) -> Iterator[Metric]:
+            seen.append((gc.isenabled(), sys.getswitchinterval()))
+            yield CounterMetricFamily("probe", "x", value=1)
+
+    registry = CollectorRegistry()
+    registry.register(Probe())
+    interval = sys.getswitchinterval()
+    for polite in (True, False):
+        app = Starlette(routes=[Route("/metrics", MetricsApp(registry, polite=polite))])
+        with TestClient(app) as client:
+            assert client.get("/metrics").status_code == 200
+    assert seen == [(False, min(0.001, interval)), (True, interval)]
 
 
 def test_served_alone_it_handles_lifespan_and_head() -> None:

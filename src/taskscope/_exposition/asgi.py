@@ -57,8 +57,8 @@ class MetricsApp:
 
     * Rendering runs in a worker thread behind a dedicated one-token limiter, so a
       scrape neither stalls the loop nor takes threads from the app's threadpool; while
-      it runs, GC is paused and the GIL switch interval is 1 ms (see
-      ``taskscope._exposition.render.polite_rendering``).
+      it runs, GC is paused and the GIL switch interval is 1 ms, process-wide, restored
+      after (``polite=False``: neither; see ``taskscope._exposition.render``).
     * Concurrent scrapes asking for the same output share one rendering.
     * The body is sent in ``chunk_size`` pieces (64 KiB; ``0``: one piece), the loop
       running other work between them: a burst of scrapes of a 1 MB body no longer
@@ -76,9 +76,11 @@ class MetricsApp:
         *,
         gzip: bool = True,
         chunk_size: int = CHUNK_SIZE,
+        polite: bool = True,
     ) -> None:
         self.registry = registry
         self.gzip = gzip
+        self.polite = polite
         self.chunk_size = chunk_size
         self._state: _LoopState | None = None
 
@@ -116,7 +118,7 @@ class MetricsApp:
             state.pending[negotiated.key] = pending
             try:
                 pending.result = await anyio.to_thread.run_sync(
-                    _render_safely, negotiated, self.registry, limiter=state.limiter
+                    _render_safely, negotiated, self.registry, self.polite, limiter=state.limiter
                 )
             finally:
                 del state.pending[negotiated.key]
@@ -148,9 +150,9 @@ async def send_in_chunks(send: Send, body: bytes, chunk_size: int = CHUNK_SIZE) 
     await send({"type": "http.response.body", "body": bytes(view[start:])})
 
 
-def _render_safely(negotiated: Negotiated, registry: Collector | None) -> Rendered:
+def _render_safely(negotiated: Negotiated, registry: Collector | None, polite: bool) -> Rendered:
     try:
-        return render(negotiated, registry)
+        return render(negotiated, registry, polite=polite)
     except Exception:
         _logger.exception("rendering metrics failed")
         return error_response(500, "rendering metrics failed")

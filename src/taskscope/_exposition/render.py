@@ -89,19 +89,21 @@ MULTIPROCESS_ATTEMPTS = 4
 _FILE_RACES = (OSError, ValueError, struct.error)
 
 
-def render(negotiated: Negotiated, registry: Collector | None) -> Rendered:
+def render(negotiated: Negotiated, registry: Collector | None, *, polite: bool = True) -> Rendered:
     """Render (and maybe gzip) the metrics. Blocking: call it from a worker thread.
 
     In multiprocess mode a process may be creating its file (a reader sees a half-written
     key: ``JSONDecodeError``) or another may be removing a dead process's file while the
     files are read; such a render is tried again a few milliseconds later instead of
-    failing the scrape (prefork Celery pools replace processes often).
+    failing the scrape (prefork Celery pools replace processes often). ``polite``: see
+    :func:`polite_rendering` (process-wide while the render runs; ``False`` leaves the
+    garbage collector and the switch interval alone).
     """
     retry = registry is None and bool(os.environ.get(MULTIPROC_ENV))
     attempt = 1
     while True:
         try:
-            return _render(negotiated, registry)
+            return _render(negotiated, registry, polite)
         except _FILE_RACES:
             if not retry or attempt >= MULTIPROCESS_ATTEMPTS:
                 raise
@@ -109,11 +111,11 @@ def render(negotiated: Negotiated, registry: Collector | None) -> Rendered:
             attempt += 1
 
 
-def _render(negotiated: Negotiated, registry: Collector | None) -> Rendered:
+def _render(negotiated: Negotiated, registry: Collector | None, polite: bool) -> Rendered:
     source = resolve_registry(registry)
     if negotiated.names and isinstance(source, CollectorRegistry):
         source = source.restricted_registry(negotiated.names)
-    with polite_rendering():
+    with polite_rendering() if polite else contextlib.nullcontext():
         body = encode(negotiated.encoder, source)
     headers = [("Content-Type", negotiated.content_type), ("Vary", "Accept, Accept-Encoding")]
     if negotiated.gzip:

@@ -20,6 +20,7 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     registry: Collector | None = None
     gzip = True
+    polite = True
 
 
 class _Server6(_Server):
@@ -49,7 +50,7 @@ class _Handler(BaseHTTPRequestHandler):
                 allow_gzip=self.server.gzip,
             )
             try:
-                response = render(negotiated, self.server.registry)
+                response = render(negotiated, self.server.registry, polite=self.server.polite)
             except Exception:
                 self.log_error("rendering metrics failed")
                 response = error_response(500, "rendering metrics failed")
@@ -102,6 +103,7 @@ def start_metrics_server(
     registry: Collector | None = None,
     *,
     gzip: bool = True,
+    polite: bool = True,
 ) -> MetricsServer:
     """Serve ``/metrics`` on ``addr:port`` from a daemon thread; ``port=0`` picks a free one.
 
@@ -112,6 +114,7 @@ def start_metrics_server(
     server = server_class((addr, port), _Handler)
     server.registry = registry
     server.gzip = gzip
+    server.polite = polite
     thread = threading.Thread(
         target=server.serve_forever, name="taskscope-metrics-server", daemon=True
     )
