@@ -295,9 +295,13 @@ def test_beat_is_a_fifth_of_the_threshold_within_bounds() -> None:
     assert beat_for(0.001) == 0.002
 
 
+HALF_BEAT = 0.01  # beat_for(0.1) / 2
+
+
 def test_a_stall_is_reported_once_and_ended_by_the_heartbeat(fake_clock: FakeClock) -> None:
     """Past the threshold: one ongoing report; the heartbeat's return ends it, with the
-    duration the heartbeat measured (how late it ran)."""
+    duration the heartbeat measured (how late it ran, plus half a beat: the stall began
+    between two beats)."""
     obs = make_observed(block_threshold=0.1)
     run = _run_for(obs)
     probe = _probe(fake_clock, obs, run=run)
@@ -315,15 +319,15 @@ def test_a_stall_is_reported_once_and_ended_by_the_heartbeat(fake_clock: FakeClo
     assert (event["task"], event["ongoing"]) == ("tests.fake.task", True)
     assert event["duration_s"] == pytest.approx(0.12)
     (ended,) = obs.logs.named("task.loop_unblocked")
-    assert ended["duration_s"] == pytest.approx(0.3)
+    assert ended["duration_s"] == pytest.approx(0.3 + HALF_BEAT)
     assert ended["location"] == event["location"]
     assert obs.value("taskscope_task_loop_blocks_total", task="tests.fake.task") == 1.0
     assert obs.value("taskscope_task_loop_block_seconds_sum", task="tests.fake.task") == (
-        pytest.approx(0.3)
+        pytest.approx(0.3 + HALF_BEAT)
     )
     assert run.blocks == 1
     assert run.stalls is not None
-    assert [s.duration for s in run.stalls] == [pytest.approx(0.3)]
+    assert [s.duration for s in run.stalls] == [pytest.approx(0.3 + HALF_BEAT)]
     assert probe.stall is None
     fake_clock.now += 0.01
     probe.check()  # the loop is fine: nothing new
@@ -361,7 +365,8 @@ def test_each_runtime_past_its_own_threshold(fake_clock: FakeClock) -> None:
     fake_clock.now = due + 0.6
     _heartbeat_returns(probe, fake_clock)
     probe.check()
-    assert [e["duration_s"] for e in slow.logs.named("task.loop_unblocked")] == [pytest.approx(0.6)]
+    ended = slow.logs.named("task.loop_unblocked")
+    assert [e["duration_s"] for e in ended] == [pytest.approx(0.6 + HALF_BEAT)]
     assert run.blocks == 1
     assert quick.logs.named("task.loop_blocked") == []  # another Telemetry's task
     assert quick.logs.named("task.loop_unblocked") == []
@@ -380,7 +385,7 @@ def test_a_stall_outside_tasks_goes_to_every_runtime(fake_clock: FakeClock) -> N
     _heartbeat_returns(probe, fake_clock)
     probe.check()
     assert [e["duration_s"] for e in quick.logs.named("task.loop_unblocked")] == [
-        pytest.approx(0.3)
+        pytest.approx(0.3 + HALF_BEAT)
     ]
     assert slow.logs.named("task.loop_blocked") == []  # shorter than its threshold
 
@@ -427,7 +432,7 @@ def test_settle_ends_the_stall_from_the_loop_thread(fake_clock: FakeClock) -> No
     probe.check()
     assert len(obs.logs.named("task.loop_blocked")) == 1
     (ended,) = obs.logs.named("task.loop_unblocked")
-    assert ended["duration_s"] == pytest.approx(0.2)
+    assert ended["duration_s"] == pytest.approx(0.2 + HALF_BEAT)
 
 
 def test_context_of_reads_the_task_context_from_another_thread() -> None:

@@ -471,14 +471,18 @@ class LoopProbe:
         return max(wait, 0.0005)
 
     def end_stall(self, stall: Stall, end: float) -> None:
-        """The loop is back: ``block_ended`` with the measured duration, to each runtime
-        told of the stall (the watchdog, or :func:`settle` on the loop thread)."""
+        """The loop is back: ``block_ended`` with the measured duration (within half a beat),
+        to each runtime told of the stall (the watchdog, or :func:`settle` on the loop
+        thread)."""
         with self.lock:
             if stall.ended:
                 return
             reported = list(stall.reported)
             told = max((b.duration for _, _, b in reported), default=0.0)
-            stall.duration = max(end - stall.due, told)
+            # The stall began between the last beat and the next one's due time: counted
+            # from the middle of that window (``end - due`` alone is short by half a beat
+            # on average: a 150 ms sleep read as 140 ms at the default 20 ms beat).
+            stall.duration = max(end - stall.due + self.beat / 2, told)
             stall.ended = True
             if self.stall is stall:
                 self.stall = None
