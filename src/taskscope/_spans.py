@@ -55,6 +55,7 @@ try:  # a hard dependency today; the public API path serves if it ever is not
 except ImportError:  # pragma: no cover
     _SdkTracer = None  # type: ignore[assignment,misc]
 
+_UNSET = Status(StatusCode.UNSET)
 _SAMPLED = trace.TraceFlags(trace.TraceFlags.SAMPLED)
 _NOT_SAMPLED = trace.TraceFlags(trace.TraceFlags.DEFAULT)
 # Newer SDKs (W3C trace context level 2) flag random trace ids; older ones have no such flag.
@@ -166,8 +167,8 @@ class DeferredSpan(trace.Span):
         self._attributes = attributes  # the sampler's, as the SDK starts its span with
         self._sets: list[tuple[str, Any]] = []  # set after the start, in order
         self._events: list[tuple[str, Any, int]] = []
-        self._links = list(links)
-        self._status = Status(StatusCode.UNSET)
+        self._links = links
+        self._status = _UNSET
         self._lock = threading.Lock()
         self._ended = False
         self._end_metrics = end_metrics
@@ -208,7 +209,7 @@ class DeferredSpan(trace.Span):
         link = Link(context, dict(attributes) if attributes else None)
         with self._lock:
             if not self._ended:
-                self._links.append(link)
+                self._links = (*self._links, link)
 
     def update_name(self, name: str) -> None:
         with self._lock:
@@ -262,29 +263,29 @@ class DeferredSpan(trace.Span):
     def _readable(self, tracer: Any, end_time: int) -> ReadableSpan:
         """The span the SDK would hand to ``on_end``: limits applied as it applies them."""
         limits = tracer._span_limits
-        attributes = BoundedAttributes(
+        attributes = _bounded(
             limits.max_span_attributes,
             self._attributes,
-            immutable=False,
-            max_value_len=limits.max_span_attribute_length,
+            self._sets,
+            limits.max_span_attribute_length,
         )
-        for key, value in self._sets:
-            attributes[key] = value
-        attributes._immutable = True  # as the SDK's ended span
-        events: BoundedList[Event] = BoundedList(limits.max_events)
-        for name, event_attributes, stamp in self._events:
-            events.append(
-                Event(
-                    name,
-                    BoundedAttributes(
-                        limits.max_event_attributes,
-                        event_attributes,
-                        max_value_len=limits.max_attribute_length,
-                        immutable=True,
-                    ),
-                    stamp,
+        events: Sequence[Event] = ()  # none: what the SDK's empty list reads as
+        if self._events:
+            bounded_events: BoundedList[Event] = BoundedList(limits.max_events)
+            events = bounded_events
+            for name, event_attributes, stamp in self._events:
+                bounded_events.append(
+                    Event(
+                        name,
+                        _bounded(
+                            limits.max_event_attributes,
+                            event_attributes,
+                            (),
+                            limits.max_attribute_length,
+                        ),
+                        stamp,
+                    )
                 )
-            )
         return ReadableSpan(
             name=self._name,
             context=self._context,
@@ -292,7 +293,7 @@ class DeferredSpan(trace.Span):
             resource=tracer.resource,
             attributes=attributes,
             events=events,
-            links=_bounded_links(self._links, limits),
+            links=_bounded_links(self._links, limits) if self._links else (),
             kind=self._kind,
             status=self._status,
             start_time=self._start_time,
@@ -302,7 +303,7 @@ class DeferredSpan(trace.Span):
         )
 
 
-def _bounded_links(links: list[Link], limits: Any) -> Any:
+def _bounded_links(links: Sequence[Link], limits: Any) -> Any:
     """The SDK span's links: valid ones, their attributes and their count bounded."""
     valid = []
     for link in links:
@@ -322,6 +323,79 @@ def _bounded_links(links: list[Link], limits: Any) -> Any:
     return BoundedList.from_seq(limits.max_links, valid)
 
 
+def _bounded(
+    maxlen: int | None,
+    first: types.Attributes,
+    later: Sequence[tuple[str, Any]],
+    max_value_len: int | None,
+) -> BoundedAttributes:
+    """``first`` then each of ``later`` set, in order, into the SDK's ``BoundedAttributes``
+    (ended: immutable), as an SDK span sets them.
+
+    Fast path, when the result cannot differ from setting them one by one: every key a
+    non-empty ``str``, every value a plain ``str`` (within ``max_value_len``), ``bool``,
+    ``int`` or ``float`` (nothing the SDK's cleaning would change, warn about or drop),
+    and no more distinct keys than ``maxlen`` (nothing evicted): the mapping is filled
+    directly. Anything else goes through ``BoundedAttributes`` itself."""
+    if _FAST_ATTRIBUTES:
+        merged: dict[str, Any] = {}
+        plain = True
+        for key, value in (*(first.items() if first else ()), *later):
+            kind = type(value)
+            if type(key) is not str or not key:
+                plain = False
+            elif kind is str:
+                plain = max_value_len is None or len(value) <= max_value_len
+            elif kind is not bool and kind is not int and kind is not float:
+                plain = False
+            if not plain:
+                break
+            merged.pop(key, None)
+            merged[key] = value
+        if plain and (maxlen is None or len(merged) <= maxlen):
+            attributes = BoundedAttributes(
+                maxlen, None, immutable=True, max_value_len=max_value_len
+            )
+            attributes._dict = merged
+            return attributes
+    attributes = BoundedAttributes(maxlen, first, immutable=False, max_value_len=max_value_len)
+    for key, value in later:
+        attributes[key] = value
+    attributes._immutable = True
+    return attributes
+
+
+def _fast_attributes_hold() -> bool:
+    """Whether the installed ``BoundedAttributes`` keeps its items as ``_bounded``'s fast
+    path assumes (checked once, against the class itself)."""
+    global _FAST_ATTRIBUTES  # noqa: PLW0603 - set once, at import
+    if _SdkTracer is None:  # pragma: no cover
+        return False
+    first: dict[str, types.AttributeValue] = {"a": "x", "b": True, "c": 1, "d": 1.5}
+    later = [("a", "y"), ("e", "z")]
+    try:
+        slow = BoundedAttributes(8, first, immutable=False, max_value_len=4)
+        for key, value in later:
+            slow[key] = value
+        slow._immutable = True
+        _FAST_ATTRIBUTES = True
+        fast = _bounded(8, first, later, 4)
+        return (
+            type(fast._dict) is type(slow._dict)
+            and list(fast.items()) == list(slow.items())
+            and fast.dropped == slow.dropped == 0
+            and fast.maxlen == slow.maxlen
+            and fast.max_value_len == slow.max_value_len
+            and fast._immutable is slow._immutable is True
+        )
+    except Exception:  # pragma: no cover - an SDK shaped otherwise: the slow path
+        return False
+
+
+_FAST_ATTRIBUTES = False
+_FAST_ATTRIBUTES = _fast_attributes_hold()
+
+
 def _start_deferred(
     tracer: Any,
     name: str,
@@ -333,7 +407,10 @@ def _start_deferred(
 ) -> Span:
     """``Tracer.start_span``'s decisions, in its order, without the SDK span."""
     parent = trace.get_current_span(context).get_span_context()
-    if not isinstance(parent, SpanContext) or not parent.is_valid:
+    if parent is not None and not isinstance(parent, SpanContext):
+        msg = "parent_span_context must be a SpanContext or None."  # as the SDK raises
+        raise TypeError(msg)
+    if parent is None or not parent.is_valid:
         parent_context = None
         trace_id = tracer.id_generator.generate_trace_id()
     else:
