@@ -125,13 +125,16 @@ def make(
     sampler: Sampler | None = None,
     limits: SpanLimits | None = None,
     processor: Ended | None = None,
+    sdk_meter_provider: Any = None,
     **options: Any,
 ) -> Setup:
+    more = {} if sdk_meter_provider is None else {"meter_provider": sdk_meter_provider}
     provider = TracerProvider(
         sampler=sampler or ParentBased(ALWAYS_ON),
         resource=RESOURCE,
         id_generator=SeededIds(),
         span_limits=limits or SpanLimits(),
+        **more,
     )
     exporter = InMemorySpanExporter()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
@@ -759,3 +762,65 @@ async def test_events_from_threads_while_it_runs_none_after_it_ended() -> None:
     current.end()
     assert len(setup.exported()) == 1
     assert setup.exported()[0].status.status_code is StatusCode.UNSET
+
+
+async def test_the_sdks_own_span_metrics(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Newer SDKs count started and live spans when asked to: the same counts."""
+    if "_tracer_metrics" not in vars(TracerProvider().get_tracer("probe")):
+        pytest.skip("this SDK has no span metrics of its own")
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    monkeypatch.setenv("OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED", "true")
+
+    def points(reader: InMemoryMetricReader) -> dict[str, list[tuple[Any, ...]]]:
+        data = reader.get_metrics_data()
+        assert data is not None
+        found: dict[str, list[tuple[Any, ...]]] = {}
+        for resource_metrics in data.resource_metrics:
+            for scope_metrics in resource_metrics.scope_metrics:
+                for metric in scope_metrics.metrics:
+                    found[metric.name] = sorted(
+                        (tuple(sorted(dict(p.attributes or {}).items())), p.value)  # type: ignore[union-attr]
+                        for p in metric.data.data_points
+                    )
+        return found
+
+    async def scenario(setup: Setup) -> None:
+        await run(setup, ok_async, fails)
+        await run(setup, ok_async, request=False)
+
+    readers = []
+    for reference in (False, True):
+        reader = InMemoryMetricReader()
+        setup = make(
+            sdk_meter_provider=MeterProvider(metric_readers=[reader]), sampler=RecordOnly()
+        )
+        if reference:
+            with reference_spans():
+                await scenario(setup)
+        else:
+            await scenario(setup)
+            assert isinstance(setup.current[0], _spans.DeferredSpan)
+        readers.append(reader)
+    ours, theirs = (points(reader) for reader in readers)
+    assert any(name.startswith("otel.sdk.span") for name in ours), ours
+    assert ours == theirs
+
+
+async def test_a_tracer_disabled_by_the_sdks_configurator() -> None:
+    """Newer SDKs can disable a tracer: the SDK's own non-recording span, as before."""
+    import opentelemetry.sdk.trace as sdk_trace
+
+    disable = getattr(sdk_trace, "_disable_tracer_configurator", None)
+    if disable is None:
+        pytest.skip("this SDK has no tracer configurator")
+    setup = make()
+    setup.provider._set_tracer_configurator(tracer_configurator=disable)
+    tasks = BackgroundTasks(telemetry=setup.telemetry)
+    tasks.add_task(noting(setup, ok_async))
+    await tasks()
+    assert setup.exported() == []
+    (current,) = setup.current
+    assert type(current) is NonRecordingSpan
+    assert runtime_of(setup.telemetry).absorbed_errors == 0
