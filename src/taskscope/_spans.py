@@ -60,6 +60,8 @@ _SAMPLED = trace.TraceFlags(trace.TraceFlags.SAMPLED)
 _NOT_SAMPLED = trace.TraceFlags(trace.TraceFlags.DEFAULT)
 # Newer SDKs (W3C trace context level 2) flag random trace ids; older ones have no such flag.
 _RANDOM_TRACE_ID: int | None = getattr(trace.TraceFlags, "RANDOM_TRACE_ID", None)
+_RANDOM_SAMPLED = trace.TraceFlags(_SAMPLED | (_RANDOM_TRACE_ID or 0))
+_RANDOM_NOT_SAMPLED = trace.TraceFlags(_NOT_SAMPLED | (_RANDOM_TRACE_ID or 0))
 
 
 def _quiet_hooks() -> tuple[frozenset[Any], frozenset[Any]]:
@@ -426,7 +428,7 @@ def _start_deferred(
         else:
             random_id = bool(getattr(parent_context.trace_flags, "random_trace_id", False))
         if random_id:
-            flags = trace.TraceFlags(flags | _RANDOM_TRACE_ID)
+            flags = _RANDOM_SAMPLED if flags is _SAMPLED else _RANDOM_NOT_SAMPLED
     span_context = SpanContext(
         trace_id,
         tracer.id_generator.generate_span_id(),
