@@ -824,3 +824,25 @@ async def test_a_tracer_disabled_by_the_sdks_configurator() -> None:
     (current,) = setup.current
     assert type(current) is NonRecordingSpan
     assert runtime_of(setup.telemetry).absorbed_errors == 0
+
+
+async def test_a_proxy_tracer_once_resolved_to_the_sdk() -> None:
+    """The global provider's ProxyTracer (taskscope's tracer taken before the app set its
+    provider): deferred once the proxy has resolved to an SDK tracer."""
+    setup = make()
+    proxy = trace.ProxyTracer("taskscope")
+    proxy._real_tracer = setup.provider.get_tracer("taskscope")  # as resolved
+
+    class Proxied(trace.NoOpTracerProvider):
+        def get_tracer(self, *args: Any, **kwargs: Any) -> trace.Tracer:
+            return proxy
+
+    telemetry = Telemetry(
+        registry=CollectorRegistry(), tracer_provider=Proxied(), otel_metrics=False
+    )
+    tasks = BackgroundTasks(telemetry=telemetry)
+    tasks.add_task(noting(setup, ok_async))
+    await tasks()
+    assert isinstance(setup.current[0], _spans.DeferredSpan)
+    (span,) = setup.exported()
+    assert span.name == "background_task " + _n(ok_async)
