@@ -846,3 +846,58 @@ async def test_a_proxy_tracer_once_resolved_to_the_sdk() -> None:
     assert isinstance(setup.current[0], _spans.DeferredSpan)
     (span,) = setup.exported()
     assert span.name == "background_task " + _n(ok_async)
+
+
+class Recording(Sampler):
+    """ALWAYS_ON that keeps what it is asked."""
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[Any, ...]] = []
+
+    def should_sample(
+        self,
+        parent_context: Context | None,
+        trace_id: int,
+        name: str,
+        kind: SpanKind | None = None,
+        attributes: Any = None,
+        links: Sequence[Link] | None = None,
+        trace_state: TraceState | None = None,
+    ) -> SamplingResult:
+        parent = trace.get_current_span(parent_context).get_span_context()
+        self.asked.append(
+            (
+                parent.span_id,
+                trace_id,
+                name,
+                kind,
+                {k: v for k, v in (attributes or {}).items() if k != "taskscope.task.wait"},
+                None if links is None else [(type(links), link.context) for link in links],
+                trace_state,
+            )
+        )
+        return ALWAYS_ON.should_sample(parent_context, trace_id, name, kind, attributes, links)
+
+    def get_description(self) -> str:
+        return "Recording"
+
+
+@pytest.mark.parametrize("span_mode", ["child", "link"])
+async def test_the_sampler_is_asked_what_the_sdk_asks(span_mode: str) -> None:
+    async def scenario(setup: Setup) -> None:
+        await run(setup, ok_async, ok_sync)
+
+    samplers = []
+    for reference in (False, True):
+        sampler = Recording()
+        setup = make(sampler=sampler, span_mode=span_mode)
+        if reference:
+            with reference_spans():
+                await scenario(setup)
+        else:
+            await scenario(setup)
+            assert isinstance(setup.current[0], _spans.DeferredSpan)
+        samplers.append(sampler)
+    ours, theirs = samplers
+    assert len(ours.asked) == 3  # the request span and the two tasks
+    assert ours.asked == theirs.asked

@@ -23,6 +23,7 @@ read here, a tracer disabled by the SDK's tracer configurator) takes the public 
 
 from __future__ import annotations
 
+import inspect
 import threading
 from collections.abc import Mapping, Sequence
 from time import time_ns
@@ -398,6 +399,19 @@ _FAST_ATTRIBUTES = False
 _FAST_ATTRIBUTES = _fast_attributes_hold()
 
 
+def _sdk_links_default() -> tuple[()] | None:
+    """``()`` if the installed SDK's ``start_span`` turns ``links=None`` into ``()`` before
+    its sampler sees it (newer SDKs), else None (older ones pass None on)."""
+    try:
+        source = inspect.getsource(_SdkTracer.start_span)
+    except Exception:  # no source (a frozen install): the newer SDKs' behaviour
+        return ()
+    return () if "links = links or ()" in source else None
+
+
+_SDK_LINKS_DEFAULT = _sdk_links_default() if _SdkTracer is not None else ()
+
+
 def _start_deferred(
     tracer: Any,
     name: str,
@@ -405,9 +419,11 @@ def _start_deferred(
     context: Context | None,
     kind: SpanKind,
     attributes: types.Attributes,
-    links: Sequence[Link],
+    links: Sequence[Link] | None,
 ) -> Span:
     """``Tracer.start_span``'s decisions, in its order, without the SDK span."""
+    if not links and _SDK_LINKS_DEFAULT is not None:
+        links = _SDK_LINKS_DEFAULT  # what the installed SDK hands its sampler for none
     parent = trace.get_current_span(context).get_span_context()
     if parent is not None and not isinstance(parent, SpanContext):
         msg = "parent_span_context must be a SpanContext or None."  # as the SDK raises
@@ -447,7 +463,7 @@ def _start_deferred(
         parent=parent_context,
         kind=kind,
         attributes=result.attributes,
-        links=links,
+        links=links or (),
         end_metrics=end_metrics,
     )
 
@@ -516,7 +532,7 @@ def start_task_span(
                 context=context,
                 kind=kind,
                 attributes=span_attributes,
-                links=links or (),
+                links=links,
             )
         else:
             span = tracer.start_span(
