@@ -646,6 +646,16 @@ async def test_on_end_only_processor_never_sees_on_start() -> None:
     assert type(setup.processor.ended[1]) is ReadableSpan
 
 
+async def test_an_on_start_set_on_the_instance_counts() -> None:
+    started: list[Any] = []
+    processor = Ended()
+    processor.on_start = lambda span, parent_context=None: started.append(span)  # type: ignore[method-assign]
+    setup = make(processor=processor)
+    await run(setup, ok_async)
+    assert isinstance(setup.current[0], SdkSpan)
+    assert started[1] is setup.current[0]
+
+
 async def test_a_processor_added_later_is_seen() -> None:
     setup = make()
     await run(setup, ok_async)

@@ -82,7 +82,8 @@ _checked: tuple[object, bool] = ((), False)
 
 def _only_on_end(active: object) -> bool:
     """Whether every processor behind the provider's active processor ignores ``on_start``
-    and ``_on_ending`` (so a span handed to ``on_end`` only is all they would see)."""
+    and ``_on_ending`` (so a span handed to ``on_end`` only is all they would see).
+    Checked again whenever the provider's processor list changes (a processor added)."""
     global _checked  # noqa: PLW0603 - a one-entry cache, process-wide
     processors = getattr(active, "_span_processors", None)
     if processors is None:
@@ -96,6 +97,9 @@ def _only_on_end(active: object) -> bool:
 
 
 def _quiet(processor: object) -> bool:
+    own = getattr(processor, "__dict__", None)
+    if own and ("on_start" in own or "_on_ending" in own):  # set on the instance
+        return False
     cls = type(processor)
     if getattr(cls, "on_start", None) not in _QUIET_ON_START:
         return False
