@@ -26,6 +26,7 @@ from __future__ import annotations
 import inspect
 import threading
 from collections.abc import Mapping, Sequence
+from itertools import chain
 from time import time_ns
 from typing import TYPE_CHECKING, Any
 
@@ -57,6 +58,7 @@ except ImportError:  # pragma: no cover
     _SdkTracer = None  # type: ignore[assignment,misc]
 
 _UNSET = Status(StatusCode.UNSET)
+_PLAIN = frozenset((bool, int, float))  # values the SDK's attribute cleaning keeps as they are
 _SAMPLED = trace.TraceFlags(trace.TraceFlags.SAMPLED)
 _NOT_SAMPLED = trace.TraceFlags(trace.TraceFlags.DEFAULT)
 # Newer SDKs (W3C trace context level 2) flag random trace ids; older ones have no such flag.
@@ -346,25 +348,24 @@ def _bounded(
     directly. Anything else goes through ``BoundedAttributes`` itself."""
     if _FAST_ATTRIBUTES:
         merged: dict[str, Any] = {}
-        plain = True
-        for key, value in (*(first.items() if first else ()), *later):
-            kind = type(value)
+        for key, value in chain(first.items() if first else (), later):
             if type(key) is not str or not key:
-                plain = False
-            elif kind is str:
-                plain = max_value_len is None or len(value) <= max_value_len
-            elif kind is not bool and kind is not int and kind is not float:
-                plain = False
-            if not plain:
                 break
-            merged.pop(key, None)
+            kind = type(value)
+            if kind is str:
+                if max_value_len is not None and len(value) > max_value_len:
+                    break
+            elif kind not in _PLAIN:
+                break
+            merged.pop(key, None)  # set again: moves to the end, as in BoundedAttributes
             merged[key] = value
-        if plain and (maxlen is None or len(merged) <= maxlen):
-            attributes = BoundedAttributes(
-                maxlen, None, immutable=True, max_value_len=max_value_len
-            )
-            attributes._dict = merged
-            return attributes
+        else:
+            if maxlen is None or len(merged) <= maxlen:
+                attributes = BoundedAttributes(
+                    maxlen, None, immutable=True, max_value_len=max_value_len
+                )
+                attributes._dict = merged
+                return attributes
     attributes = BoundedAttributes(maxlen, first, immutable=False, max_value_len=max_value_len)
     for key, value in later:
         attributes[key] = value
