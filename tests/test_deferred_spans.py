@@ -911,3 +911,31 @@ async def test_the_sampler_is_asked_what_the_sdk_asks(span_mode: str) -> None:
     ours, theirs = samplers
     assert len(ours.asked) == 3  # the request span and the two tasks
     assert ours.asked == theirs.asked
+
+
+async def test_the_concurrent_multi_span_processor() -> None:
+    """The provider's other active processor: each processor's on_end gets the span."""
+    from opentelemetry.sdk.trace import ConcurrentMultiSpanProcessor
+
+    active = ConcurrentMultiSpanProcessor(num_threads=2)
+    provider = TracerProvider(active_span_processor=active, resource=RESOURCE)
+    first, second = Ended(), Ended()
+    provider.add_span_processor(first)
+    provider.add_span_processor(second)
+    telemetry = Telemetry(
+        registry=CollectorRegistry(), tracer_provider=provider, otel_metrics=False
+    )
+    current: list[trace.Span] = []
+
+    async def task() -> None:
+        current.append(trace.get_current_span())
+
+    tasks = BackgroundTasks(telemetry=telemetry)
+    tasks.add_task(task)
+    await tasks()
+    provider.shutdown()
+    assert isinstance(current[0], _spans.DeferredSpan)
+    assert [s.name for s in first.ended] == [s.name for s in second.ended]
+    (span,) = first.ended
+    assert span.resource.attributes == RESOURCE.attributes
+    assert second.ended[0] is span
