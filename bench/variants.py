@@ -10,7 +10,8 @@ ts-full            taskscope, spans (SDK provider, BatchSpanProcessor, dropping 
 hand               a hand-written decorator on the task functions: OTel span + Prometheus
                    histogram + failure counter (what teams write instead)
 (diagnostic, on request: ts-bare = taskscope with every signal off; otel-span = one SDK
-span per task with taskscope's attributes, nothing else: async tasks only)
+span per task with taskscope's attributes, nothing else: async tasks only; ts-full-sdkspan =
+ts-full with a regular SDK span per task, as before the deferred span)
 fastapi-native     FastAPI's own ``background_task`` spans (``FastAPI(telemetry=...)``)
 
 Every variant gets its own ``CollectorRegistry`` and tracer provider. OTel metrics of
@@ -121,13 +122,16 @@ class Variant:
         self._context: Any = None
         self.new: Callable[[], Any]
         self.task: Callable[[F], F] = _same
+        self._sdk_span = False  # ts-full-sdkspan: taskscope's span through Tracer.start_span
+        self._saved: Any = None
         if name == "plain":
             self.new = StarletteBackgroundTasks
         elif name.startswith("ts-"):
             from taskscope import BackgroundTasks, Telemetry
 
-            if name == "ts-full":
+            if name in {"ts-full", "ts-full-sdkspan"}:
                 self.provider = dropping_tracer_provider()
+                self._sdk_span = name == "ts-full-sdkspan"
                 telemetry = Telemetry(registry=self.registry, tracer_provider=self.provider)
             elif name == "ts-bare":  # diagnostic: taskscope's own bookkeeping, no signals
                 telemetry = Telemetry(
@@ -171,12 +175,22 @@ class Variant:
             raise ValueError(msg)
 
     def enter(self) -> object | None:
-        """Attach the request-scoped context the variant needs (FastAPI native only)."""
+        """Attach the request-scoped context the variant needs (FastAPI native only); for
+        ts-full-sdkspan, turn the deferred span off until ``exit``."""
+        if self._sdk_span:
+            from taskscope import _spans
+
+            self._saved = _spans._sdk_tracer
+            _spans._sdk_tracer = lambda tracer: None
         if self._context is None:
             return None
         return otel_context.attach(self._context)
 
     def exit(self, token: object | None) -> None:
+        if self._sdk_span:
+            from taskscope import _spans
+
+            _spans._sdk_tracer = self._saved
         if token is not None:
             otel_context.detach(token)  # type: ignore[arg-type]
 

@@ -8,7 +8,7 @@ import contextvars
 import inspect
 import threading
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from types import FunctionType
 from typing import TYPE_CHECKING, Any
 
@@ -16,13 +16,19 @@ import anyio
 import anyio.to_thread
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
 from taskscope._naming import _NAME_ATTRIBUTE, callable_name
 from taskscope._probe import monitored, start_watchdog
 from taskscope._record import Outcome, TaskRecord
 from taskscope._runtime import Runtime, current_telemetry, resolve, runtime_of
-from taskscope._safe import qualified_type_name, safe_message, safe_stacktrace
+from taskscope._safe import qualified_type_name, safe_message
+from taskscope._spans import (  # the task span
+    _adopt_span,
+    _end_span,
+    _start_span,
+)
+from taskscope._spans import finish_span as finish_span  # noqa: PLC0414 (re-exported)
+from taskscope._spans import start_task_span as start_task_span  # noqa: PLC0414
 from taskscope._task_kinds import Kind, framework_hook, framework_operation, is_sync, kind_of
 
 if TYPE_CHECKING:
@@ -461,130 +467,3 @@ def _flag_unawaited(result: Any, run: TaskRun) -> None:
         RuntimeWarning,
         stacklevel=1,
     )
-
-
-def _adopt_span(run: TaskRun, span: Span) -> None:
-    """FastAPI's task span: its ids for metrics and logs, events added, the rest FastAPI's."""
-    run.span = span
-    run.owns_span = False
-    span_context = span.get_span_context()
-    if span_context.is_valid:
-        run.trace_id = format(span_context.trace_id, "032x")
-        run.span_id = format(span_context.span_id, "016x")
-
-
-def _start_span(runtime: Runtime, run: TaskRun, cap: Capture, sync: bool, wait: float) -> object:
-    """Start the task's span and make it current; returns the context token (or None)."""
-    span, token = start_task_span(
-        runtime, run.name, cap.context, kind=SpanKind.INTERNAL, sync=sync, wait=wait
-    )
-    if span is not None:
-        span_context = span.get_span_context()
-        if span_context.is_valid:
-            run.trace_id = format(span_context.trace_id, "032x")
-            run.span_id = format(span_context.span_id, "016x")
-        run.span = span
-    return token
-
-
-def start_task_span(
-    runtime: Runtime,
-    name: str,
-    parent: Context,
-    *,
-    kind: SpanKind,
-    sync: bool,
-    wait: float,
-    attributes: Mapping[str, Any] | None = None,
-) -> tuple[Span | None, object]:
-    """``background_task {name}`` under ``parent`` (or, in link mode, a new trace linked
-    to it), made current; (span, context token), or (None, None) when tracing is off or
-    failed (absorbed)."""
-    try:
-        tracer = runtime.tracer
-        if tracer is None:
-            return None, None
-        context: Context | None = parent
-        links: list[Link] | None = None
-        if runtime.telemetry.span_mode == "link":
-            remote = trace.get_current_span(parent).get_span_context()
-            links = [Link(remote)] if remote.is_valid else None
-            context = otel_context.Context()
-        span = tracer.start_span(
-            f"background_task {name}",
-            context=context,
-            kind=kind,
-            attributes={
-                "code.function.name": name,
-                "taskscope.task.sync": sync,
-                "taskscope.task.wait": wait,  # seconds
-                **(attributes or {}),
-            },
-            links=links,
-        )
-        return span, otel_context.attach(trace.set_span_in_context(span, parent))
-    except Exception:
-        runtime.absorb("tracing")
-        return None, None
-
-
-def _end_span(
-    runtime: Runtime,
-    run: TaskRun,
-    token: object,
-    outcome: Outcome,
-    error: BaseException | None,
-) -> None:
-    if run.span is not None:
-        finish_span(
-            runtime,
-            run.span,
-            token,
-            outcome,
-            error,
-            error_type=run.error_type,
-            message=run.error_message,
-        )
-
-
-def finish_span(
-    runtime: Runtime,
-    span: Span,
-    token: object,
-    outcome: Outcome,
-    error: BaseException | None,
-    *,
-    error_type: str | None = None,
-    message: str | None = None,
-) -> None:
-    """Detach the span's context, set the outcome (and, on failure, ``error.type``, the
-    exception event and ERROR status), then end it: each step absorbed on its own, so a
-    failure in one never costs the span."""
-    try:
-        if token is not None:
-            otel_context.detach(token)  # type: ignore[arg-type]
-    except Exception:
-        runtime.absorb("tracing")
-    try:
-        span.set_attribute("taskscope.task.outcome", outcome)
-        if error is not None:
-            error_type = error_type or qualified_type_name(error)
-        if error is not None and outcome == "failure":
-            span.set_attribute("error.type", error_type or "")
-            span.add_event(
-                "exception",
-                {
-                    "exception.type": error_type or "",
-                    "exception.message": message or "",
-                    "exception.stacktrace": safe_stacktrace(error, runtime.telemetry),
-                },
-            )
-            span.set_status(Status(StatusCode.ERROR, error_type))
-        elif error is not None:
-            span.set_attribute("taskscope.task.interrupted_by", error_type or "")
-    except Exception:
-        runtime.absorb("tracing")
-    try:  # whatever failed above, the span still ends
-        span.end()
-    except Exception:
-        runtime.absorb("tracing")
