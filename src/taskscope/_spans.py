@@ -23,7 +23,6 @@ read here, a tracer disabled by the SDK's tracer configurator) takes the public 
 
 from __future__ import annotations
 
-import inspect
 import threading
 from collections.abc import Mapping, Sequence
 from itertools import chain
@@ -47,7 +46,7 @@ if TYPE_CHECKING:
     from taskscope._run import Capture, TaskRun
     from taskscope._runtime import Runtime
 
-try:  # a hard dependency today; the public API path serves if it ever is not
+try:  # the SDK is an extra: without it, every span goes through the public API
     from opentelemetry.attributes import BoundedAttributes
     from opentelemetry.sdk.trace import Event, ReadableSpan, SpanProcessor
     from opentelemetry.sdk.trace import Span as _SdkSpan
@@ -405,13 +404,28 @@ _FAST_ATTRIBUTES = _fast_attributes_hold()
 
 
 def _sdk_links_default() -> tuple[()] | None:
-    """``()`` if the installed SDK's ``start_span`` turns ``links=None`` into ``()`` before
-    its sampler sees it (newer SDKs), else None (older ones pass None on)."""
+    """What the installed SDK's ``start_span`` hands its sampler for ``links=None``: ``()``
+    (newer SDKs) or None (older ones pass it on). Asked of the SDK itself, once: a
+    throwaway provider whose sampler notes what it gets and drops the span."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
+
+    seen: list[Any] = []
+
+    class _Noting(Sampler):
+        def should_sample(self, *args: Any, **kwargs: Any) -> SamplingResult:
+            seen.append(kwargs.get("links", args[5] if len(args) > 5 else None))
+            return SamplingResult(Decision.DROP)
+
+        def get_description(self) -> str:
+            return "taskscope-links-probe"
+
     try:
-        source = inspect.getsource(_SdkTracer.start_span)
-    except Exception:  # no source (a frozen install): the newer SDKs' behaviour
+        provider = TracerProvider(sampler=_Noting(), shutdown_on_exit=False)
+        provider.get_tracer("probe").start_span("probe", links=None)
+    except Exception:  # pragma: no cover - then the newer SDKs' behaviour
         return ()
-    return () if "links = links or ()" in source else None
+    return None if seen and seen[0] is None else ()
 
 
 _SDK_LINKS_DEFAULT = _sdk_links_default() if _SdkTracer is not None else ()
