@@ -188,6 +188,11 @@ class DeferredSpan(trace.Span):
     def get_span_context(self) -> SpanContext:
         return self._context
 
+    @property
+    def start_time(self) -> int:
+        """Nanoseconds since the epoch, as the SDK span's ``start_time``."""
+        return self._start_time
+
     def is_recording(self) -> bool:
         return not self._ended
 

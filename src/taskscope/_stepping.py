@@ -219,6 +219,9 @@ def add_span_events(run: TaskRun) -> None:
     if span is None or not stalls:
         return
     now = clock()
+    # A stall can begin before the task's span did (the heartbeat was due, then the task
+    # started and blocked): its event is never placed before the span's start.
+    span_start = getattr(span, "start_time", None)
     for stall in tuple(stalls):
         duration = stall.duration if stall.ended else now - stall.due
         try:
@@ -231,7 +234,7 @@ def add_span_events(run: TaskRun) -> None:
                     "taskscope.block.sampled": True,
                     "taskscope.block.stack": [safe_text(line) for line in stall.stack],
                 },
-                timestamp=stall.wall,
+                timestamp=stall.wall if span_start is None else max(stall.wall, span_start),
             )
         except Exception:
             run.runtime.absorb("tracing")
