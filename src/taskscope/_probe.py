@@ -36,6 +36,7 @@ No code runs per step, and per task only :func:`monitored`'s context variable:
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
 import time
 import weakref
@@ -68,16 +69,15 @@ def _remember(key: Any, probe: LoopProbe) -> None:
     _last = (key, probe)
 
 
-async def monitored(awaitable: Awaitable[Any], run: TaskRun) -> Any:
-    """Await a task's coroutine as the running background task (when the probe is on).
-
-    Per task: the probe lookup and :data:`current_run` set for the task's code and the
-    children it starts (the watchdog reads it in the running task's context). Nothing
-    per step. The stalls blamed on the task become span events as it ends.
+def enter_run(run: TaskRun) -> contextvars.Token[TaskRun | None] | None:
+    """Before a task's coroutine is awaited: the loop's probe (started if needed) and
+    :data:`current_run` set for the task's code and the children it starts (the watchdog
+    reads it in the running task's context). Returns the token for :func:`exit_run`, or
+    None when the probe is off or could not start. Nothing per step; no coroutine wrapper.
     """
     runtime = run.runtime
     if not runtime.telemetry.loop_probe:
-        return await awaitable
+        return None
     loop, probe = _last  # probe_for's fast path, inlined (it runs once per task)
     if (
         probe is None
@@ -87,14 +87,26 @@ async def monitored(awaitable: Awaitable[Any], run: TaskRun) -> Any:
     ):
         probe = probe_for(runtime)
         if probe is None:
-            return await awaitable
-    token = current_run.set(run)
-    try:
-        return await awaitable
-    finally:
+            return None
+    return current_run.set(run)
+
+
+def exit_run(run: TaskRun, token: contextvars.Token[TaskRun | None] | None) -> None:
+    """After the task's coroutine: :data:`current_run` back; the stalls blamed on the task
+    become span events (before its span ends)."""
+    if token is not None:
         current_run.reset(token)
         if run.stalls:  # rare: blamed for a stall
             _stepping.add_span_events(run)
+
+
+async def monitored(awaitable: Awaitable[Any], run: TaskRun) -> Any:
+    """Await ``awaitable`` as ``run``'s code (:func:`enter_run`/:func:`exit_run` around it)."""
+    token = enter_run(run)
+    try:
+        return await awaitable
+    finally:
+        exit_run(run, token)
 
 
 def _loop_key() -> tuple[str, Any]:
@@ -427,6 +439,7 @@ class LoopProbe:
         run, frames = blamed
         location, stack = describe(frames)
         stall = Stall(due, run, location, stack)
+        stall.half_beat = self.beat / 2
         self._last_stall_due = due
         self.stall = stall
         return stall
@@ -482,7 +495,7 @@ class LoopProbe:
             # The stall began between the last beat and the next one's due time: counted
             # from the middle of that window (``end - due`` alone is short by half a beat
             # on average: a 150 ms sleep read as 140 ms at the default 20 ms beat).
-            stall.duration = max(end - stall.due + self.beat / 2, told)
+            stall.duration = max(end - stall.due + stall.half_beat, told)
             stall.ended = True
             if self.stall is stall:
                 self.stall = None

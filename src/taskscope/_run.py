@@ -18,7 +18,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from taskscope._naming import _NAME_ATTRIBUTE, callable_name
-from taskscope._probe import monitored, start_watchdog
+from taskscope._probe import enter_run, exit_run, monitored, start_watchdog
 from taskscope._record import Outcome, TaskRecord
 from taskscope._runtime import Runtime, current_telemetry, resolve, runtime_of
 from taskscope._safe import qualified_type_name, safe_message
@@ -335,15 +335,16 @@ async def run_one(task: BackgroundTask, cap: Capture, sent_at: float, hook: Any 
     thread_started: list[float] = []
     try:
         if not plain:
-            await _run_opaque(task, run, telemetry)
+            await _run_opaque(task, run)
         elif sync:
             await _run_sync(task, run, thread_started, clock)
         else:
             run.coro = coro = task.func(*task.args, **task.kwargs)
-            if telemetry.loop_probe:
-                await monitored(coro, run)
-            else:
+            probing = enter_run(run)  # the loop probe: who runs (no code per step)
+            try:
                 await coro
+            finally:
+                exit_run(run, probing)
     except BaseException as exc:
         error = exc
         outcome = _outcome_of(exc)
@@ -412,15 +413,12 @@ def _enter_framework_operation(hook: Any, task: BackgroundTask, run: TaskRun) ->
     return operation
 
 
-async def _run_opaque(task: BackgroundTask, run: TaskRun, telemetry: Telemetry) -> None:
+async def _run_opaque(task: BackgroundTask, run: TaskRun) -> None:
     """A task with its own ``__call__``: awaited as Starlette would, inside the record."""
     token = recording_opaque.set(task)
     try:
         run.coro = coro = task()
-        if telemetry.loop_probe:
-            await monitored(coro, run)
-        else:
-            await coro
+        await monitored(coro, run)
     finally:
         recording_opaque.reset(token)
 

@@ -66,7 +66,17 @@ class Stall:
     the ongoing record sent. ``duration`` is set when the stall ends (``ended``).
     """
 
-    __slots__ = ("due", "duration", "ended", "location", "reported", "run", "stack", "wall")
+    __slots__ = (
+        "due",
+        "duration",
+        "ended",
+        "half_beat",
+        "location",
+        "reported",
+        "run",
+        "stack",
+        "wall",
+    )
 
     def __init__(
         self, due: float, run: TaskRun | None, location: str, stack: tuple[str, ...]
@@ -78,6 +88,7 @@ class Stall:
         self.reported: list[tuple[Runtime, TaskRun | None, BlockRecord]] = []
         self.ended = False
         self.duration = 0.0
+        self.half_beat = 0.0  # the stall began up to a beat before ``due``: half on average
         # Wall-clock start (ns): the span event's timestamp.
         self.wall = time.time_ns() - int((clock() - due) * 1e9)
 
@@ -223,7 +234,7 @@ def add_span_events(run: TaskRun) -> None:
     # started and blocked): its event is never placed before the span's start.
     span_start = getattr(span, "start_time", None)
     for stall in tuple(stalls):
-        duration = stall.duration if stall.ended else now - stall.due
+        duration = stall.duration if stall.ended else now - stall.due + stall.half_beat
         try:
             span.add_event(
                 "loop.blocked",
