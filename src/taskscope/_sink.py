@@ -3,9 +3,9 @@
 Prometheus, OpenTelemetry metrics, the log events and ``taskscope.testing`` are sinks; a
 user's sink is passed as ``Telemetry(sinks=[...])`` and gets the same stream. Subclass
 :class:`Sink` and override the methods you want (its defaults do nothing); any object with
-some of these methods works too. Methods are called on the thread
-that saw the event (the event loop for records, the watchdog thread for ongoing blocks and
-hung tasks), must be quick and must not block; what they raise is absorbed and counted
+some of these methods works too. Methods are called on the thread that saw the event (the
+event loop for records, the watchdog thread for stalls and hung tasks), must be quick and
+must not block; what they raise is absorbed and counted
 (``taskscope_instrumentation_errors_total{signal="sinks"}``), never passed to the app.
 """
 
