@@ -240,7 +240,7 @@ def _account(
         cap.accounted = True
         telemetry = cap.telemetry or cap.resolve(explicit)
         runtime = telemetry._runtime or runtime_of(telemetry)
-        runtime.inflight[id(task)] = (cap.name, None, None)  # tracked: an outcome is due
+        runtime.track(id(task), cap.name, None)  # tracked: an outcome is due
         captures.append(cap)
 
 
@@ -310,8 +310,8 @@ async def run_one(task: BackgroundTask, cap: Capture, sent_at: float, hook: Any 
 
     Runs inside the context FastAPI's own loop opens around each task (its span, when its
     telemetry traces the request): the task's span is FastAPI's then, else taskscope's own.
-    The common case (a plain async task, no span) costs two clock reads, two dict
-    operations (the task in flight), one record and its aggregation.
+    The common case (a plain async task, no span) costs two clock reads, the task put in
+    flight and taken out (two dict operations), one record and its aggregation.
     """
     telemetry = cap.telemetry or cap.resolve(None)
     runtime = telemetry._runtime or runtime_of(telemetry)
@@ -320,12 +320,8 @@ async def run_one(task: BackgroundTask, cap: Capture, sent_at: float, hook: Any 
     run = TaskRun(name, runtime, telemetry.block_threshold)
     plain = cap.kind is Kind.PLAIN
     sync = (not task.is_async) if plain else is_sync(task)
-    key = id(task)
-    inflight = runtime.inflight
     start = clock()
-    inflight[key] = (name, start, run)  # the task in flight: gauges, hung check, exit
-    if runtime._progress_sinks:
-        runtime.task_started(name)
+    runtime.run_started(id(task), name, start, run)  # in flight: gauges, hung check, exit
     operation = None if hook is None else _enter_framework_operation(hook, task, run)
     token = None
     if run.span is None and runtime.tracing:
@@ -361,9 +357,7 @@ async def run_one(task: BackgroundTask, cap: Capture, sent_at: float, hook: Any 
             ran_from = end
         else:
             ran_from = start
-        inflight.pop(key, None)
-        if runtime._progress_sinks:
-            runtime.task_finished(name)
+        runtime.run_ended(id(task), name)
         if run.owns_span and run.span is not None:
             _end_span(runtime, run, token, outcome, error)
         if outcome == "success" and not thread_started and not run.hung and not sync:

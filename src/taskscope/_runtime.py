@@ -385,6 +385,19 @@ class Runtime:
     def untrack(self, key: int) -> None:
         self.inflight.pop(key, None)
 
+    def run_started(self, key: int, name: str, start: float, run: Any = None) -> None:
+        """A task starts running (in process or in a worker): in flight from ``start``, and
+        the sinks that keep their own in-progress gauge told (none in the common case)."""
+        self.inflight[key] = (name, start, run)
+        if self._progress_sinks:
+            self.task_started(name)
+
+    def run_ended(self, key: int, name: str) -> None:
+        """The task of :meth:`run_started` ended (its record follows)."""
+        self.inflight.pop(key, None)
+        if self._progress_sinks:
+            self.task_finished(name)
+
     def abandon_inflight(self) -> dict[str, int]:
         """Record every task not ended yet as ``abandoned`` (called at interpreter exit)."""
         with self._inflight_lock:

@@ -189,8 +189,7 @@ class TaskscopeMiddleware(TaskiqMiddleware):
         run.start = runtime.telemetry.clock()
         run.coro = _current_coroutine()
         self._running[message.task_id] = run
-        runtime.track(id(run), run.name, run.start, run)
-        runtime.task_started(run.name)
+        runtime.run_started(id(run), run.name, run.start, run)
         return message
 
     def on_error(
@@ -206,8 +205,7 @@ class TaskscopeMiddleware(TaskiqMiddleware):
             return
         runtime = self.runtime
         end = runtime.telemetry.clock()
-        runtime.untrack(id(run))
-        runtime.task_finished(run.name)
+        runtime.run_ended(id(run), run.name)
         error = run.error
         outcome = _outcome(error, retried=run.retried)
         error_type = error_message = None

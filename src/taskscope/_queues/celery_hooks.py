@@ -210,8 +210,7 @@ class CeleryHooks:
             )
             run.trace_id, run.span_id = messages.span_ids(run.span)
         self._running[task_id] = run
-        runtime.track(id(run), run.name, run.start)
-        runtime.task_started(run.name)
+        runtime.run_started(id(run), run.name, run.start)
 
     def on_failure(
         self, sender: Any = None, task_id: str = "", exception: Any = None, **_: Any
@@ -244,8 +243,7 @@ class CeleryHooks:
             return
         runtime = self.runtime
         end = runtime.telemetry.clock()
-        runtime.untrack(id(run))
-        runtime.task_finished(run.name)
+        runtime.run_ended(id(run), run.name)
         if run.otel and run.trace_id is None:
             run.trace_id, run.span_id = messages.span_ids(_otel_span(task, task_id))
         outcome = _STATES.get(state)
