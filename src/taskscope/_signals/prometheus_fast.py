@@ -66,11 +66,15 @@ class _HistogramFamily:
         self.les = [_le(b) for b in self.bounds] + ["+Inf"]
         self.children: dict[Key, _Histogram] = {}
 
-    def observe(self, key: Key, value: float, trace_id: str | None = None) -> None:
+    def child(self, key: Key) -> _Histogram:
+        """The series of ``key``, created empty at its first observation."""
         child = self.children.get(key)
         if child is None:
             child = self.children[key] = _Histogram(len(self.bounds) + 1)
-        child.observe(bisect_left(self.bounds, value), value, trace_id)
+        return child
+
+    def observe(self, key: Key, value: float, trace_id: str | None = None) -> None:
+        self.child(key).observe(bisect_left(self.bounds, value), value, trace_id)
 
     def snapshot(self) -> list[tuple[Key, list[int], float, list[Any] | None]]:
         """The values, copied (call under the lock)."""
@@ -272,13 +276,7 @@ class FastMetrics:
         self._ran.add((name,))
         key = (name, "success")
         self.tasks.values.setdefault(key, 0.0)
-        duration = self.duration.children.get(key)
-        if duration is None:
-            duration = self.duration.children[key] = _Histogram(len(self.duration.bounds) + 1)
-        wait = self.wait.children.get((name,))
-        if wait is None:
-            wait = self.wait.children[(name,)] = _Histogram(len(self.wait.bounds) + 1)
-        hot = (key, duration, wait)
+        hot = (key, self.duration.child(key), self.wait.child((name,)))
         if len(self._hot) < _HOT_NAMES:
             self._hot[name] = hot
         return hot
