@@ -17,13 +17,8 @@ import random
 import time
 from typing import Any
 
-from common import median, print_environment, table, verdict
+from common import YIELD_EVERY, median, print_environment, table, verdict
 from variants import VARIANTS, Variant
-
-# The loop gets back to its timers every this many responses, as it does between a
-# server's requests: without it the whole run is one long stall of the loop (hundreds of
-# ms), which the loop probe reports, and its reporting would be what is measured.
-YIELD_EVERY = 64
 
 
 async def tiny_async(n: int) -> None:

@@ -26,10 +26,9 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from common import median, print_environment, table, verdict
+from common import YIELD_EVERY, median, print_environment, table, verdict
 
 TARGET = 1.05
-YIELD_EVERY = 64  # responses between two returns to the loop's timers
 
 
 async def tiny() -> None:
@@ -54,7 +53,7 @@ async def _tasks_workload(new: Callable[[], Any], count: int) -> float:
         batch.add_task(tiny)
         await batch()
         if i % YIELD_EVERY == 0:
-            await asyncio.sleep(0)  # between requests: no one long stall (see per_task.py)
+            await asyncio.sleep(0)  # between requests: no one long stall (see common.py)
     return time.perf_counter() - start
 
 
