@@ -22,19 +22,11 @@ from taskscope._naming import callable_name
 from taskscope._safe import type_name
 from taskscope.exposition import MetricsApp
 from tests.conftest import Observed, make_observed
+from tests.hostile_types import RaisingMeta
 from tests.system_tools import system_tool
 
 OPENMETRICS = "application/openmetrics-text; version=1.0.0"
 CANARY = "zq81CANARYx7"
-
-
-class RaisingMeta(type):
-    """Classes of this metaclass raise when asked for their name or module."""
-
-    def __getattribute__(cls, name: str) -> Any:
-        if name in ("__module__", "__qualname__", "__name__"):
-            raise RuntimeError(f"no {name}")
-        return super().__getattribute__(name)
 
 
 class HostileCallable(metaclass=RaisingMeta):

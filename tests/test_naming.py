@@ -13,6 +13,7 @@ from taskscope._naming import (
     NameLimiter,
     callable_name,
 )
+from tests.hostile_types import RaisingMeta
 
 
 def plain() -> None: ...
@@ -102,15 +103,6 @@ def test_name_cap_overflows_to_other() -> None:
     assert limiter.admit("c") == OTHER
     assert limiter.admit("a") == "a"
     assert len(limiter) == 2
-
-
-class RaisingMeta(type):
-    """Classes of this metaclass raise when asked for their name or module."""
-
-    def __getattribute__(cls, name: str) -> Any:
-        if name in ("__module__", "__qualname__", "__name__"):
-            raise RuntimeError(f"no {name}")
-        return super().__getattribute__(name)
 
 
 class HostileCallable(metaclass=RaisingMeta):
