@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from tests.system_tools import system_tool
+from tests.system_tools import stop, system_tool
 
 T = TypeVar("T")
 
@@ -208,9 +208,4 @@ def running_prometheus(
         wait_for(ready, timeout=startup_timeout, what="prometheus /-/ready")
         yield server
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)

@@ -23,7 +23,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.prometheus_server import free_port, wait_for
-from tests.system_tools import system_tool
+from tests.system_tools import stop, system_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -65,12 +65,7 @@ def running_redis(workdir: Path) -> Iterator[str]:
         wait_for(lambda: process.poll() is None and _redis_ping(port), timeout=10, what="redis")
         yield f"redis://127.0.0.1:{port}"
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
 
 
 @dataclass

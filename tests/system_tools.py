@@ -1,9 +1,11 @@
-"""The Debian tools the suite drives (prometheus, promtool, redis-server)."""
+"""The Debian tools the suite drives (prometheus, promtool, redis-server), and stopping
+the processes the suite starts."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 
 import pytest
 
@@ -21,3 +23,13 @@ def system_tool(name: str, package: str) -> str:
             pytest.fail(message)
         pytest.skip(message)
     return found
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL if the process has not exited 10 s later; reaped either way."""
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

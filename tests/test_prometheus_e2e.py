@@ -36,6 +36,7 @@ from tests.prometheus_server import (
     running_prometheus,
     wait_for,
 )
+from tests.system_tools import stop
 
 pytestmark = pytest.mark.prometheus
 
@@ -182,12 +183,7 @@ def serve_promapp(log: Path) -> Iterator[App]:
     try:
         yield App(f"http://{address}", address, log)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:  # pragma: no cover - uvicorn ignored SIGTERM
-            process.kill()
-            process.wait()
+        stop(process)
 
 
 @pytest.fixture(scope="session")
