@@ -150,8 +150,6 @@ class Runtime:
             for s, sink in self._metric_sinks
             if not getattr(sink, "reads_inflight", False) and hasattr(sink, "task_started")
         ]
-        # Fed every record; the logging sink only the rare ones (a success logs nothing).
-        self._record_sinks = self._metric_sinks
         # An async task's success: sinks with a ``success()`` shortcut take the values
         # directly; a TaskRecord is built only if another sink wants one.
         self._success_sinks = [(s, k) for s, k in self._metric_sinks if hasattr(k, "success")]
@@ -220,8 +218,9 @@ class Runtime:
         if self.exited:  # already recorded as abandoned at exit: one outcome per task
             return
         if record.outcome == "success" and not record.hung_reported:
-            # The common case: counted, never logged; no error type to bound.
-            for signal, sink in self._record_sinks:
+            # The common case: counted by the metric sinks, never logged (the logging sink
+            # gets only the rare outcomes); no error type to bound.
+            for signal, sink in self._metric_sinks:
                 try:
                     sink.record(record)
                 except Exception:
