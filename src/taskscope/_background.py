@@ -79,14 +79,19 @@ class BackgroundTasks(StarletteBackgroundTasks):
         _check_callable(func)
         task = BackgroundTask.__new__(BackgroundTask)
         StarletteBackgroundTask.__init__(task, func, *args, **kwargs)
-        task._taskscope = capture(func, self._telemetry)
-        self.tasks.append(task)
-        if not self._warned_size:
-            self._check_size(task._taskscope)
+        task._taskscope = cap = capture(func, self._telemetry)
+        tasks = self.tasks
+        tasks.append(task)
+        telemetry = cap.telemetry  # None: the process default, not resolved yet
+        limit = (
+            DEFAULT_MAX_TASKS_PER_RESPONSE
+            if telemetry is None
+            else telemetry.max_tasks_per_response
+        )
+        if len(tasks) > limit and not self._warned_size:
+            self._check_size(cap)
 
     def _check_size(self, cap: Any) -> None:
-        if cap.telemetry is None and len(self.tasks) <= DEFAULT_MAX_TASKS_PER_RESPONSE:
-            return  # the process default cannot be exceeded yet: resolve nothing
         telemetry = cap.resolve(self._telemetry)
         limit = telemetry.max_tasks_per_response
         if len(self.tasks) > limit:

@@ -18,9 +18,9 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from taskscope._naming import _NAME_ATTRIBUTE, callable_name
-from taskscope._probe import enter_run, exit_run, monitored, start_watchdog
+from taskscope._probe import enter_run, exit_run, monitored, probe_for, start_watchdog
 from taskscope._record import Outcome, TaskRecord
-from taskscope._runtime import Runtime, current_telemetry, resolve, runtime_of
+from taskscope._runtime import DRAIN_EVERY, Runtime, current_telemetry, resolve, runtime_of
 from taskscope._safe import qualified_type_name, safe_message
 from taskscope._spans import (  # the task span
     _adopt_span,
@@ -29,6 +29,7 @@ from taskscope._spans import (  # the task span
 )
 from taskscope._spans import finish_span as finish_span  # noqa: PLC0414 (re-exported)
 from taskscope._spans import start_task_span as start_task_span  # noqa: PLC0414
+from taskscope._stepping import current_run
 from taskscope._task_kinds import Kind, framework_hook, framework_operation, is_sync, kind_of
 
 if TYPE_CHECKING:
@@ -179,8 +180,21 @@ async def run_tasks(
     _account(tasks, captures, explicit)
     first = _first_telemetry(captures, explicit)
     keep_going = first.continue_on_error if continue_on_error is None else continue_on_error
-    sent_at = first.clock()
+    clock = first.clock
+    sent_at = clock()
     hook = framework_hook()
+    # The batched hot path (``lean``): plain async tasks of ``first``'s runtime, when its
+    # only counting sink is the in-process Prometheus collector, no span is made and the
+    # framework opens no per-task context for this request (FastAPI without telemetry):
+    # per task a TaskRun, two clock reads, the in-flight entry and one append to the
+    # runtime's queue. Every other task takes ``run_one``.
+    runtime = first._runtime or runtime_of(first)
+    lean = runtime.batching and (hook is None or _no_framework_context(hook, tasks, captures))
+    if lean:
+        inflight = runtime.inflight
+        pending = runtime.pending
+        threshold = first.block_threshold
+        probing = first.loop_probe and probe_for(runtime) is not None
     error: Exception | None = None
     index = 0
     try:
@@ -189,10 +203,32 @@ async def run_tasks(
                 break
             try:
                 cap = captures[index]
+                task = tasks[index]
                 if cap is None:  # a nested collection: Starlette awaits it in its turn
-                    await _run_nested(tasks[index], explicit, keep_going)
+                    await _run_nested(task, explicit, keep_going)
+                elif lean and cap.kind is Kind.PLAIN and cap.telemetry is first and task.is_async:
+                    name = cap._name or cap.name  # set by _account
+                    run = TaskRun(name, runtime, threshold)
+                    key = id(task)
+                    start = clock()
+                    inflight[key] = (name, start, run)
+                    token = current_run.set(run) if probing else None
+                    try:
+                        run.coro = coro = task.func(*task.args, **task.kwargs)
+                        await coro
+                    except BaseException as exc:
+                        _lean_ended_badly(run, key, exc, start, sent_at, token=token)
+                        raise
+                    end = clock()
+                    inflight.pop(key, None)
+                    if token is not None:
+                        current_run.reset(token)
+                    if run.hung:  # reported hung by the watchdog: the full record
+                        _lean_record(run, key, "success", end - start, start - sent_at)
+                    else:
+                        pending.append((name, end - start, start - sent_at, run.busy))
                 else:
-                    await run_one(tasks[index], cap, sent_at, hook)
+                    await run_one(task, cap, sent_at, hook)
             except Exception as exc:
                 if error is None:
                     error = exc
@@ -204,10 +240,70 @@ async def run_tasks(
         _account(tasks, captures, explicit)
         _record_not_run(tasks[index + 1 :], captures[index + 1 :], "abandoned", explicit)
         raise
+    finally:
+        if lean and len(pending) >= DRAIN_EVERY:
+            runtime.drain()
     if index < len(tasks):
         _record_not_run(tasks[index:], captures[index:], "skipped", explicit)
     if error is not None:
         raise error
+
+
+def _no_framework_context(
+    hook: Any, tasks: Sequence[BackgroundTask], captures: list[Capture | None]
+) -> bool:
+    """Whether FastAPI opens no context around this response's tasks (its telemetry does
+    not trace the request). Asked once per response, with its first plain task: the
+    request's telemetry is in the OTel context the tasks share."""
+    for task, cap in zip(tasks, captures, strict=False):
+        if cap is not None and cap.kind is Kind.PLAIN:
+            try:
+                return framework_operation(hook, task) is None
+            except Exception:  # FastAPI's telemetry failing: run_one absorbs it per task
+                return False
+    return False
+
+
+def _lean_ended_badly(
+    run: TaskRun,
+    key: int,
+    exc: BaseException,
+    start: float,
+    sent_at: float,
+    *,
+    token: contextvars.Token[Any] | None,
+) -> None:
+    """A task of the batched hot path raised: recorded as ``run_one`` records it."""
+    end = run.runtime.telemetry.clock()
+    if token is not None:
+        current_run.reset(token)
+    run.error_type = qualified_type_name(exc)
+    run.error_message = safe_message(exc, run.runtime.telemetry)
+    _lean_record(run, key, _outcome_of(exc), end - start, start - sent_at)
+
+
+def _lean_record(run: TaskRun, key: int, outcome: Outcome, duration: float, wait: float) -> None:
+    """The full record of a batched-path task (a failure, or reported by the watchdog)."""
+    runtime = run.runtime
+    runtime.inflight.pop(key, None)
+    runtime.record(
+        TaskRecord(
+            run.name,
+            outcome,
+            False,
+            duration,
+            wait,
+            None,
+            run.error_type,
+            run.error_message,
+            None,
+            None,
+            run.busy,
+            run.blocks,
+            None,
+            run.hung > 0,
+        )
+    )
 
 
 def _first_telemetry(captures: list[Capture | None], explicit: Telemetry | None) -> Telemetry:
@@ -240,7 +336,8 @@ def _account(
         cap.accounted = True
         telemetry = cap.telemetry or cap.resolve(explicit)
         runtime = telemetry._runtime or runtime_of(telemetry)
-        runtime.track(id(task), cap.name, None)  # tracked: an outcome is due
+        name = cap._name or cap.name  # computed once per task, here
+        runtime.inflight[id(task)] = (name, None, None)  # tracked: an outcome is due
         captures.append(cap)
 
 

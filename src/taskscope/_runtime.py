@@ -7,7 +7,7 @@ import contextlib
 import contextvars
 import threading
 import weakref
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from types import FunctionType
 from typing import TYPE_CHECKING, Any
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 _create_lock = threading.Lock()
 _NAMES_CACHE_SIZE = 4096
+DRAIN_EVERY = 256  # queued successes the loop aggregates itself (else: at the next scrape)
 _default: Telemetry | None = None
 # Set by instrument_app()'s middleware for the duration of each request.
 current_telemetry: contextvars.ContextVar[Telemetry | None] = contextvars.ContextVar(
@@ -101,6 +102,12 @@ class Runtime:
         # TaskRun, or a queue worker's record of a run) is what the hung-task check reads.
         self.inflight: dict[int, tuple[str, float | None, Any]] = {}
         self.exited = False
+        # The batched hot path (see ``batching``): async successes queued as
+        # (name, duration, wait, busy), aggregated by :meth:`drain` (at scrape, at exit,
+        # and by the loop every ``DRAIN_EVERY`` records). A deque: appends on the loop
+        # thread and a drain on the scrape thread never lose or repeat a record.
+        self.pending: deque[tuple[str, float, float, float]] = deque()
+        self.batching = False
         self._inflight_lock = threading.Lock()
         self.hung_lock = threading.Lock()
         self._setup_sinks()
@@ -156,13 +163,25 @@ class Runtime:
         self._record_only_sinks = [
             (s, k) for s, k in self._metric_sinks if not hasattr(k, "success")
         ]
+        # The batched hot path applies when the in-process Prometheus collector is the only
+        # sink that counts successes and no span is made: a success is then one append.
+        self.batching = (
+            not self.tracing
+            and self.prometheus is not None
+            and self._success_sinks == [("prometheus", self.prometheus)]
+            and not self._record_only_sinks
+            and not self._progress_sinks
+            and hasattr(self.prometheus, "success_batch")
+        )
 
     def add_sink(self, name: str, sink: Any) -> None:
         """Feed ``sink`` every record, block, hang, lag and warning from now on."""
+        self.drain()  # what was queued before belongs to the sinks of before
         self._sinks = [*self._sinks, (name, sink)]  # copy on write: no torn loops
         self._derive_sink_lists()
 
     def remove_sink(self, sink: Any) -> None:
+        self.drain()
         self._sinks = [(s, k) for s, k in self._sinks if k is not sink]
         self._derive_sink_lists()
 
@@ -274,6 +293,19 @@ class Runtime:
                     sink.record(record)
                 except Exception:
                     self.absorb(signal)
+
+    def drain(self) -> None:
+        """Aggregate the successes queued by the batched hot path (any thread)."""
+        pending = self.pending
+        if not pending:
+            return
+        if self.exited:  # counted as abandoned at exit: one outcome per task
+            pending.clear()
+            return
+        try:
+            self.prometheus.success_batch(pending)
+        except Exception:
+            self.absorb("prometheus")
 
     def block_detected(self, block: BlockRecord) -> None:
         for signal, sink in self._sinks:
@@ -399,6 +431,7 @@ class Runtime:
 
     def abandon_inflight(self) -> dict[str, int]:
         """Record every task not ended yet as ``abandoned`` (called at interpreter exit)."""
+        self.drain()  # the successes that ended before exit
         with self._inflight_lock:
             pending = list(self.inflight.values())
             self.inflight.clear()

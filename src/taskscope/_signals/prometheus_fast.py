@@ -14,6 +14,7 @@ import threading
 import time
 import weakref
 from bisect import bisect_left
+from collections import deque
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -214,6 +215,7 @@ class FastMetrics:
         ages: dict[Key, float] = {}
         counts: dict[Key, float] = {}
         for runtime in list(self._sources):  # outside the lock: the tasks' clocks
+            runtime.drain()  # the successes its hot path queued since the last drain
             try:
                 found, running = runtime.running()
             except Exception:  # a failing clock must not fail the scrape
@@ -267,6 +269,33 @@ class FastMetrics:
                 wait_child.sum += wait
             if busy > 0.0:
                 self.loop_busy.inc((name,), busy)
+
+    def success_batch(self, pending: deque[tuple[str, float, float, float]]) -> None:
+        """Successes queued by the runtime's batched hot path (``(name, duration, wait,
+        busy)``), taken out of ``pending`` one by one under one lock: the loop thread may
+        append while a scrape drains, and nothing is counted twice or lost."""
+        take = pending.popleft
+        duration_bounds = self._duration_bounds
+        wait_bounds = self._wait_bounds
+        values = self.tasks.values
+        with self._lock:
+            hot_series = self._hot
+            while pending:
+                try:
+                    name, duration, wait, busy = take()
+                except IndexError:  # drained meanwhile by another thread
+                    break
+                hot = hot_series.get(name)
+                if hot is None:
+                    hot = self._hot_series(name)
+                key, duration_child, wait_child = hot
+                values[key] += 1.0
+                duration_child.counts[bisect_left(duration_bounds, duration)] += 1
+                duration_child.sum += duration
+                wait_child.counts[bisect_left(wait_bounds, wait)] += 1
+                wait_child.sum += wait
+                if busy > 0.0:
+                    self.loop_busy.inc((name,), busy)
 
     def _hot_series(self, name: str) -> tuple[Key, _Histogram, _Histogram]:
         """The series a success of ``name`` updates (call with the lock; the histograms are
