@@ -7,14 +7,20 @@ hangs, cancellations and exits take the full record; nothing is lost or counted 
 
 from __future__ import annotations
 
+import gc
 import itertools
 import threading
+import time
 from typing import Any
 
 import anyio
 import anyio.lowlevel
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.openmetrics import exposition as openmetrics
 
 from taskscope import BackgroundTasks, Telemetry
 from taskscope._runtime import DRAIN_EVERY, Runtime, runtime_of
@@ -48,7 +54,37 @@ class FakeClock:
 def lean_telemetry(**options: Any) -> Telemetry:
     options.setdefault("registry", CollectorRegistry())
     options.setdefault("logger", ListLogger())
-    return Telemetry(span_mode="off", otel_metrics=False, loop_probe=False, **options)
+    options.setdefault("span_mode", "off")
+    return Telemetry(otel_metrics=False, loop_probe=False, **options)
+
+
+def traced(options: dict[str, Any]) -> InMemorySpanExporter | None:
+    """Add an SDK tracer provider to ``options`` if they make spans; its exporter."""
+    if options.get("span_mode", "off") == "off":
+        return None
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    options["tracer_provider"] = provider
+    return exporter
+
+
+def span_shapes(exporter: InMemorySpanExporter | None) -> list[Any]:
+    """What a span says, without its ids and times."""
+    if exporter is None:
+        return []
+    return sorted(
+        (
+            span.name,
+            sorted(
+                (k, v) for k, v in (span.attributes or {}).items() if k != "taskscope.task.wait"
+            ),
+            span.status.status_code.name,
+            [event.name for event in span.events],
+            span.parent is not None,
+        )
+        for span in exporter.get_finished_spans()
+    )
 
 
 def batching(telemetry: Telemetry) -> bool:
@@ -84,13 +120,19 @@ async def workload(telemetry: Telemetry) -> None:
 
 async def test_it_applies_to_metrics_only_settings() -> None:
     assert batching(lean_telemetry())
-    assert not batching(Telemetry(registry=CollectorRegistry(), logger=ListLogger()))  # spans
+    assert batching(lean_telemetry(span_mode="child"))  # the span is made on the way
     assert not batching(lean_telemetry(prometheus=False))
     assert not batching(lean_telemetry(sinks=[object()]))  # the user's sink wants records
 
 
-async def test_the_scrape_is_the_per_task_paths_scrape(monkeypatch: pytest.MonkeyPatch) -> None:
-    lean = lean_telemetry(clock=FakeClock())
+@pytest.mark.parametrize("span_mode", ["off", "child"])
+async def test_the_scrape_is_the_per_task_paths_scrape(
+    monkeypatch: pytest.MonkeyPatch, span_mode: str
+) -> None:
+    """Same metrics, logs and spans as the per-task path (a fake clock: same values)."""
+    options: dict[str, Any] = {"clock": FakeClock(), "span_mode": span_mode}
+    lean_spans = traced(options)
+    lean = lean_telemetry(**options)
     await workload(lean)
     assert batching(lean)
 
@@ -102,7 +144,9 @@ async def test_the_scrape_is_the_per_task_paths_scrape(monkeypatch: pytest.Monke
             self.batching = False
 
         patch.setattr(Runtime, "_derive_sink_lists", without_batching)
-        per_task = lean_telemetry(clock=FakeClock())
+        options = {"clock": FakeClock(), "span_mode": span_mode}
+        per_task_spans = traced(options)
+        per_task = lean_telemetry(**options)
         await workload(per_task)
         assert not batching(per_task)
 
@@ -114,6 +158,8 @@ async def test_the_scrape_is_the_per_task_paths_scrape(monkeypatch: pytest.Monke
     per_task_logs = per_task.logger.events
     assert [e["event"] for e in lean_logs] == [e["event"] for e in per_task_logs]
     assert [e["event"] for e in lean_logs] == ["task.failed", "task.skipped"]
+    assert span_shapes(lean_spans) == span_shapes(per_task_spans)
+    assert len(span_shapes(lean_spans)) == (0 if span_mode == "off" else 14)  # not skipped
 
 
 async def test_successes_wait_for_the_scrape_then_count_once() -> None:
@@ -268,3 +314,44 @@ async def test_scrapes_from_another_thread_lose_nothing() -> None:
     assert registry.get_sample_value("taskscope_tasks_total", labels) == 4000
     count = registry.get_sample_value("taskscope_task_duration_seconds_count", labels)
     assert count == 4000
+
+
+async def test_traced_successes_carry_their_exemplar() -> None:
+    """The trace id and the wall time of each success reach the duration bucket's
+    exemplar, though the observation is aggregated later."""
+    options: dict[str, Any] = {"span_mode": "child"}
+    exporter = traced(options)
+    assert exporter is not None
+    telemetry = lean_telemetry(**options)
+    before = time.time()
+    tasks = BackgroundTasks(telemetry=telemetry)
+    tasks.add_task(ok)
+    await tasks()
+    assert runtime_of(telemetry).pending
+    (span,) = exporter.get_finished_spans()
+    assert span.context is not None
+    trace_id = format(span.context.trace_id, "032x")
+    assert telemetry.registry is not None
+    text = openmetrics.generate_latest(telemetry.registry).decode()  # type: ignore[no-untyped-call]
+    exemplars = [
+        line for line in text.splitlines() if "duration_seconds_bucket" in line and "#" in line
+    ]
+    assert len(exemplars) == 1
+    assert f'trace_id="{trace_id}"' in exemplars[0]
+    seen_at = float(exemplars[0].rsplit(" ", 1)[-1])
+    assert before <= seen_at <= time.time()
+
+
+async def test_successes_outlive_the_settings_that_queued_them() -> None:
+    """A Telemetry (and its runtime) collected before the scrape: its successes still
+    count on the registry they were recorded for."""
+    registry = CollectorRegistry()
+    telemetry: Telemetry | None = lean_telemetry(registry=registry)
+    assert telemetry is not None
+    tasks = BackgroundTasks(telemetry=telemetry)
+    tasks.add_task(ok)
+    await tasks()
+    del tasks, telemetry
+    gc.collect()
+    labels = {"task": P + "ok", "outcome": "success"}
+    assert registry.get_sample_value("taskscope_tasks_total", labels) == 1

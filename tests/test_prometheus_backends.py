@@ -35,9 +35,6 @@ class _Running:
     def __init__(self) -> None:
         self.names: list[str] = []
 
-    def drain(self) -> None:
-        """Nothing queued: these tests record through ``record()``."""
-
     def running(self) -> tuple[dict[str, float], dict[str, int]]:
         counts: dict[str, int] = {}
         for name in self.names:

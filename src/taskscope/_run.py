@@ -9,6 +9,7 @@ import inspect
 import threading
 import warnings
 from collections.abc import Callable, Sequence
+from time import time
 from types import FunctionType
 from typing import TYPE_CHECKING, Any
 
@@ -184,9 +185,9 @@ async def run_tasks(
     sent_at = clock()
     hook = framework_hook()
     # The batched hot path (``lean``): plain async tasks of ``first``'s runtime, when its
-    # only counting sink is the in-process Prometheus collector, no span is made and the
-    # framework opens no per-task context for this request (FastAPI without telemetry):
-    # per task a TaskRun, two clock reads, the in-flight entry and one append to the
+    # only counting sink is the in-process Prometheus collector and the framework opens no
+    # per-task context for this request (FastAPI without telemetry): per task a TaskRun,
+    # two clock reads, the in-flight entry, the span if tracing, and one append to the
     # runtime's queue. Every other task takes ``run_one``.
     runtime = first._runtime or runtime_of(first)
     lean = runtime.batching and (hook is None or _no_framework_context(hook, tasks, captures))
@@ -195,6 +196,7 @@ async def run_tasks(
         pending = runtime.pending
         threshold = first.block_threshold
         probing = first.loop_probe and probe_for(runtime) is not None
+        tracing = runtime.tracing
     error: Exception | None = None
     index = 0
     try:
@@ -212,21 +214,30 @@ async def run_tasks(
                     key = id(task)
                     start = clock()
                     inflight[key] = (name, start, run)
+                    span = (
+                        _start_span(runtime, run, cap, False, start - sent_at) if tracing else None
+                    )
                     token = current_run.set(run) if probing else None
                     try:
                         run.coro = coro = task.func(*task.args, **task.kwargs)
                         await coro
                     except BaseException as exc:
-                        _lean_ended_badly(run, key, exc, start, sent_at, token=token)
+                        _lean_ended_badly(run, key, exc, start, sent_at, token, span)
                         raise
                     end = clock()
                     inflight.pop(key, None)
                     if token is not None:
-                        current_run.reset(token)
-                    if run.hung:  # reported hung by the watchdog: the full record
+                        exit_run(run, token)
+                    if run.span is not None:
+                        _end_span(runtime, run, span, "success", None)
+                    if run.hung or runtime.exited:  # the full record (which knows exit)
                         _lean_record(run, key, "success", end - start, start - sent_at)
-                    else:
-                        pending.append((name, end - start, start - sent_at, run.busy))
+                    elif run.trace_id is None:
+                        pending.append((name, end - start, start - sent_at, run.busy, None, 0.0))
+                    else:  # the exemplar's trace, and when it was seen
+                        pending.append(
+                            (name, end - start, start - sent_at, run.busy, run.trace_id, time())
+                        )
                 else:
                     await run_one(task, cap, sent_at, hook)
             except Exception as exc:
@@ -264,22 +275,26 @@ def _no_framework_context(
     return False
 
 
-def _lean_ended_badly(
+def _lean_ended_badly(  # noqa: PLR0917 - the hot path's state, passed as it is
     run: TaskRun,
     key: int,
     exc: BaseException,
     start: float,
     sent_at: float,
-    *,
     token: contextvars.Token[Any] | None,
+    span: object,
 ) -> None:
     """A task of the batched hot path raised: recorded as ``run_one`` records it."""
-    end = run.runtime.telemetry.clock()
-    if token is not None:
-        current_run.reset(token)
+    runtime = run.runtime
+    outcome = _outcome_of(exc)
     run.error_type = qualified_type_name(exc)
-    run.error_message = safe_message(exc, run.runtime.telemetry)
-    _lean_record(run, key, _outcome_of(exc), end - start, start - sent_at)
+    run.error_message = safe_message(exc, runtime.telemetry)
+    end = runtime.telemetry.clock()
+    if token is not None:
+        exit_run(run, token)
+    if run.span is not None:
+        _end_span(runtime, run, span, outcome, exc)
+    _lean_record(run, key, outcome, end - start, start - sent_at)
 
 
 def _lean_record(run: TaskRun, key: int, outcome: Outcome, duration: float, wait: float) -> None:
@@ -296,8 +311,8 @@ def _lean_record(run: TaskRun, key: int, outcome: Outcome, duration: float, wait
             None,
             run.error_type,
             run.error_message,
-            None,
-            None,
+            run.trace_id,
+            run.span_id,
             run.busy,
             run.blocks,
             None,

@@ -102,11 +102,10 @@ class Runtime:
         # TaskRun, or a queue worker's record of a run) is what the hung-task check reads.
         self.inflight: dict[int, tuple[str, float | None, Any]] = {}
         self.exited = False
-        # The batched hot path (see ``batching``): async successes queued as
-        # (name, duration, wait, busy), aggregated by :meth:`drain` (at scrape, at exit,
-        # and by the loop every ``DRAIN_EVERY`` records). A deque: appends on the loop
-        # thread and a drain on the scrape thread never lose or repeat a record.
-        self.pending: deque[tuple[str, float, float, float]] = deque()
+        # The batched hot path (see ``batching``): async successes queued in the
+        # Prometheus collector's deque (it outlives this runtime), aggregated by
+        # :meth:`drain` at scrape, at exit, and by the loop every ``DRAIN_EVERY`` records.
+        self.pending: deque[tuple[str, float, float, float, str | None, float]] = deque()
         self.batching = False
         self._inflight_lock = threading.Lock()
         self.hung_lock = threading.Lock()
@@ -164,15 +163,16 @@ class Runtime:
             (s, k) for s, k in self._metric_sinks if not hasattr(k, "success")
         ]
         # The batched hot path applies when the in-process Prometheus collector is the only
-        # sink that counts successes and no span is made: a success is then one append.
+        # sink that counts successes: a success is then one append.
         self.batching = (
-            not self.tracing
-            and self.prometheus is not None
+            self.prometheus is not None
             and self._success_sinks == [("prometheus", self.prometheus)]
             and not self._record_only_sinks
             and not self._progress_sinks
-            and hasattr(self.prometheus, "success_batch")
+            and hasattr(self.prometheus, "pending")
         )
+        if self.batching:
+            self.pending = self.prometheus.pending
 
     def add_sink(self, name: str, sink: Any) -> None:
         """Feed ``sink`` every record, block, hang, lag and warning from now on."""
@@ -296,14 +296,10 @@ class Runtime:
 
     def drain(self) -> None:
         """Aggregate the successes queued by the batched hot path (any thread)."""
-        pending = self.pending
-        if not pending:
-            return
-        if self.exited:  # counted as abandoned at exit: one outcome per task
-            pending.clear()
+        if not self.pending:
             return
         try:
-            self.prometheus.success_batch(pending)
+            self.prometheus.drain()
         except Exception:
             self.absorb("prometheus")
 

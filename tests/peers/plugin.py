@@ -6,8 +6,10 @@
 - ``dropin``: ``from taskscope import BackgroundTasks`` instead of FastAPI's name (the
   suite's ``from fastapi import BackgroundTasks`` gets taskscope's class);
 - ``instrument-before`` / ``instrument-after``: ``taskscope.instrument()`` before or after
-  FastAPI is imported (the ``opentelemetry-instrument`` case is "before");
-- ``instrument``: ``taskscope.instrument()`` (Starlette);
+  FastAPI is imported (the ``opentelemetry-instrument`` case is "before"); "after" with
+  metrics-only settings (``span_mode="off"``), so the suite also runs through the batched
+  hot path, the other modes through the per-task path with spans;
+- ``instrument``: ``taskscope.instrument()`` with metrics-only settings (Starlette);
 - ``replace``: Starlette's ``BackgroundTask(s)`` names replaced by taskscope's.
 
 Each process writes what it saw to ``TASKSCOPE_PEER_OUT``: the controller the failed test
@@ -45,12 +47,12 @@ def _switch_on(mode: str) -> None:
 
         import taskscope
 
-        taskscope.instrument()
+        taskscope.instrument(taskscope.Telemetry(span_mode="off"))
         return
     if mode == "instrument":
         import taskscope
 
-        taskscope.instrument()
+        taskscope.instrument(taskscope.Telemetry(span_mode="off"))
         return
     if mode == "dropin":
         import fastapi

@@ -51,9 +51,13 @@ class _Histogram:
         self.counts[index] += 1
         self.sum += value
         if trace_id is not None:
-            if self.exemplars is None:
-                self.exemplars = [None] * len(self.counts)
-            self.exemplars[index] = (trace_id, value, time.time())
+            self.exemplar(index, trace_id, value, time.time())
+
+    def exemplar(self, index: int, trace_id: str, value: float, seen_at: float) -> None:
+        """The latest exemplar of bucket ``index`` (``seen_at``: wall time, seconds)."""
+        if self.exemplars is None:
+            self.exemplars = [None] * len(self.counts)
+        self.exemplars[index] = (trace_id, value, seen_at)
 
 
 class _HistogramFamily:
@@ -183,6 +187,9 @@ class FastMetrics:
         self._wait_bounds = self.wait.bounds
         self._ran: set[Key] = set()  # names recorded: their in-progress series persist
         self._sources: weakref.WeakSet[Any] = weakref.WeakSet()
+        # Successes queued by the runtimes' batched hot path, aggregated by drain() (at
+        # every scrape). Here, not in a runtime: it outlives any runtime that fed it.
+        self.pending: deque[tuple[str, float, float, float, str | None, float]] = deque()
         registry.register(self)  # raises if the names are taken: the sink is then off
 
     # The in-progress gauge is read from the runtimes' tasks in flight at scrape time:
@@ -212,10 +219,10 @@ class FastMetrics:
         return [kinds[type(f)](f.name, f.documentation) for f in self._families]
 
     def collect(self) -> Iterator[Metric]:
+        self.drain()  # the successes queued since the last scrape
         ages: dict[Key, float] = {}
         counts: dict[Key, float] = {}
         for runtime in list(self._sources):  # outside the lock: the tasks' clocks
-            runtime.drain()  # the successes its hot path queued since the last drain
             try:
                 found, running = runtime.running()
             except Exception:  # a failing clock must not fail the scrape
@@ -270,10 +277,14 @@ class FastMetrics:
             if busy > 0.0:
                 self.loop_busy.inc((name,), busy)
 
-    def success_batch(self, pending: deque[tuple[str, float, float, float]]) -> None:
-        """Successes queued by the runtime's batched hot path (``(name, duration, wait,
-        busy)``), taken out of ``pending`` one by one under one lock: the loop thread may
-        append while a scrape drains, and nothing is counted twice or lost."""
+    def drain(self) -> None:
+        """Aggregate the successes queued in :attr:`pending` by the batched hot path
+        (``(name, duration, wait, busy, trace_id, seen_at)``, ``seen_at`` the wall time
+        of the exemplar), taken out one by one under one lock: the loop thread may append
+        while a scrape drains, and nothing is counted twice or lost."""
+        pending = self.pending
+        if not pending:
+            return
         take = pending.popleft
         duration_bounds = self._duration_bounds
         wait_bounds = self._wait_bounds
@@ -282,7 +293,7 @@ class FastMetrics:
             hot_series = self._hot
             while pending:
                 try:
-                    name, duration, wait, busy = take()
+                    name, duration, wait, busy, trace_id, seen_at = take()
                 except IndexError:  # drained meanwhile by another thread
                     break
                 hot = hot_series.get(name)
@@ -290,8 +301,11 @@ class FastMetrics:
                     hot = self._hot_series(name)
                 key, duration_child, wait_child = hot
                 values[key] += 1.0
-                duration_child.counts[bisect_left(duration_bounds, duration)] += 1
+                index = bisect_left(duration_bounds, duration)
+                duration_child.counts[index] += 1
                 duration_child.sum += duration
+                if trace_id is not None:
+                    duration_child.exemplar(index, trace_id, duration, seen_at)
                 wait_child.counts[bisect_left(wait_bounds, wait)] += 1
                 wait_child.sum += wait
                 if busy > 0.0:
