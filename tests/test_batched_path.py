@@ -22,7 +22,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.openmetrics import exposition as openmetrics
 
-from taskscope import BackgroundTasks, Telemetry
+from taskscope import BackgroundTasks, Sink, TaskRecord, Telemetry
 from taskscope._runtime import DRAIN_EVERY, Runtime, runtime_of
 from taskscope.testing import ListLogger
 
@@ -122,7 +122,12 @@ async def test_it_applies_to_metrics_only_settings() -> None:
     assert batching(lean_telemetry())
     assert batching(lean_telemetry(span_mode="child"))  # the span is made on the way
     assert not batching(lean_telemetry(prometheus=False))
-    assert not batching(lean_telemetry(sinks=[object()]))  # the user's sink wants records
+    assert batching(lean_telemetry(sinks=[object()]))  # a sink that wants no records
+
+    class Records(Sink):
+        def record(self, record: TaskRecord) -> None: ...
+
+    assert not batching(lean_telemetry(sinks=[Records()]))  # the user's sink wants records
 
 
 @pytest.mark.parametrize("span_mode", ["off", "child"])

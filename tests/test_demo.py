@@ -16,11 +16,14 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
+from taskscope import BlockRecord, HungRecord, Telemetry
 from taskscope.__main__ import main
 from taskscope._record import TaskRecord
+from taskscope._runtime import runtime_of
 from taskscope._signals.prometheus import metrics_for
 from taskscope.demo import app as demo_app
-from taskscope.demo.stats import EventLog, Histo, take_snapshot, window
+from taskscope.demo.stats import DemoEvents, Histo, take_snapshot, window
+from taskscope.testing import ListLogger
 from tests.otlp_receiver import OtlpReceiver, attributes
 
 pytestmark = pytest.mark.slow
@@ -275,18 +278,28 @@ def test_quantiles_follow_prometheus_interpolation() -> None:
     assert Histo().quantile(0.5) is None
 
 
-def test_event_log_counts_each_finished_block_once() -> None:
-    """A block reported while ongoing counts once, when it ends; an unreported one counts too."""
-    log = EventLog()
-    log.warning("task.loop_blocked", task="t", duration_s=0.12, ongoing=True, location="a.py:1")
-    log.info("task.loop_unblocked", task="t", duration_s=0.3, location="a.py:1")
-    log.warning("task.loop_blocked", task="t", duration_s=0.1, ongoing=False, location="a.py:1")
-    log.error("task.failed", task="u", error_type="ValueError")
-    [(task, location, count, mean)] = log.block_sites()
+def test_demo_events_count_each_finished_block_once() -> None:
+    """Through the runtime, as the watchdog reports them: a stall reported while ongoing
+    counts once, when it ends; one seen only when it ended counts too; hangs are kept."""
+    events = DemoEvents()
+    telemetry = Telemetry(
+        registry=CollectorRegistry(), logger=ListLogger(), sinks=[events], span_mode="off"
+    )
+    runtime = runtime_of(telemetry)
+
+    def block(duration: float, *, ongoing: bool) -> BlockRecord:
+        return BlockRecord("t", duration, "a.py:1", (), sampled=True, ongoing=ongoing)
+
+    runtime.block_detected(block(0.12, ongoing=True))
+    runtime.block_ended(block(0.3, ongoing=False), reported=True)
+    runtime.block_ended(block(0.1, ongoing=False), reported=False)
+    runtime.hung_detected(HungRecord("u", 61.0, "b.py:2", (), sync=False, report=1))
+    [(task, location, count, mean)] = events.block_sites()
     assert (task, location, count) == ("t", "a.py:1", 2)
     assert mean == pytest.approx(0.2)
-    assert [b.duration for b in log.latest_blocks(5)] == [0.1, 0.3]
-    assert log.counts["task.failed"] == 1
+    assert [b.duration for b in events.latest_blocks(5)] == [0.1, 0.3]
+    assert events.hung == {"u": (61.0, "b.py:2")}
+    assert runtime.batching  # a sink that keeps no records leaves the batched path on
 
 
 def test_window_reads_outcomes_failures_and_quantiles_from_the_registry() -> None:

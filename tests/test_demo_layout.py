@@ -12,11 +12,11 @@ from prometheus_client import CollectorRegistry
 from rich.console import Console
 
 from taskscope import __version__
-from taskscope._record import Outcome, TaskRecord
+from taskscope._record import BlockRecord, Outcome, TaskRecord
 from taskscope._signals.prometheus import metrics_for
 from taskscope.demo.fit import plural, table, wrap
 from taskscope.demo.load import LoadStats
-from taskscope.demo.stats import EventLog, take_snapshot, window
+from taskscope.demo.stats import DemoEvents, take_snapshot, window
 from taskscope.demo.view import FULL_VIEW_LINES, Frame, findings, plain, rich_view
 
 APP = "taskscope.demo.app."
@@ -46,14 +46,10 @@ def demo_like_frame(*, blocks: int = 3, title: str = "background tasks") -> Fram
     for _ in range(6):
         metrics.record(TaskRecord(APP + "resize_thumbnail", "success", False, 0.17, 0.0))
     after = take_snapshot(registry, now=6.0)
-    events = EventLog()
+    events = DemoEvents()
     for _ in range(blocks):
-        events.warning(
-            "task.loop_blocked",
-            task=APP + "resize_thumbnail",
-            duration_s=0.152,
-            ongoing=False,
-            location=LOCATION,
+        events.block_ended(
+            BlockRecord(APP + "resize_thumbnail", 0.152, LOCATION, (), sampled=True, ongoing=False)
         )
     win = window(after, before)
     load = LoadStats(sent=204)

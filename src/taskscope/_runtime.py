@@ -160,7 +160,9 @@ class Runtime:
         # directly; a TaskRecord is built only if another sink wants one.
         self._success_sinks = [(s, k) for s, k in self._metric_sinks if hasattr(k, "success")]
         self._record_only_sinks = [
-            (s, k) for s, k in self._metric_sinks if not hasattr(k, "success")
+            (s, k)
+            for s, k in self._metric_sinks
+            if not hasattr(k, "success") and getattr(k, "wants_records", True)
         ]
         # The batched hot path applies when the in-process Prometheus collector is the only
         # sink that counts successes: a success is then one append.

@@ -60,3 +60,7 @@ class AdaptedSink:
         for method in SINK_METHODS:
             found: Any = getattr(sink, method, None)
             setattr(self, method, found if callable(found) else _ignore)
+        # Whether the sink does something with task records: one that does not (a
+        # stall or hang watcher) leaves the runtime's batched hot path on.
+        own = getattr(type(sink), "record", None)
+        self.wants_records = callable(getattr(sink, "record", None)) and own is not Sink.record

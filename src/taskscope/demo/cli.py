@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
     from taskscope.demo.load import LoadStats
-    from taskscope.demo.stats import EventLog, Snapshot
+    from taskscope.demo.stats import DemoEvents, Snapshot
     from taskscope.demo.view import Frame
 
 WINDOW = 10.0
@@ -79,7 +79,7 @@ class Session:
     def __init__(
         self,
         registry: CollectorRegistry,
-        events: EventLog,
+        events: DemoEvents,
         load: LoadStats | None,
         url: str,
         otlp_endpoint: str = "",
@@ -147,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
     from taskscope.demo.fit import terminal_width
     from taskscope.demo.load import LoadStats, run_load
     from taskscope.demo.server import DemoServer, Otlp, bind, client_host
-    from taskscope.demo.stats import EventLog
+    from taskscope.demo.stats import DemoEvents, QuietLogger
     from taskscope.demo.view import plain
 
     interactive = sys.stdout.isatty() and not os.environ.get("CI")
@@ -169,10 +169,11 @@ def run(args: argparse.Namespace) -> int:
 
     registry = CollectorRegistry()  # the demo's own, not the process registry
     otlp = Otlp.from_env(registry)
-    events = EventLog()
+    events = DemoEvents()
     telemetry = Telemetry(
         registry=registry,
-        logger=events,
+        logger=QuietLogger(),
+        sinks=[events],
         tracer_provider=otlp.tracer_provider,
         meter_provider=otlp.meter_provider,
         otel_metrics=otlp.meter_provider is not None,

@@ -1,4 +1,4 @@
-"""Numbers for the view, read from the Prometheus registry and taskscope's log events."""
+"""Numbers for the view: the Prometheus registry (as a scrape reads it) and a sink."""
 
 from __future__ import annotations
 
@@ -9,8 +9,12 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from taskscope import Sink
+
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
+
+    from taskscope import BlockRecord, HungRecord
 
 Labels = tuple[tuple[str, str], ...]
 HISTOGRAMS = (
@@ -225,7 +229,7 @@ def window(current: Snapshot, earlier: Snapshot | None) -> Window:
 
 @dataclass(frozen=True)
 class Block:
-    """One finished loop block, from taskscope's ``task.loop_blocked``/``unblocked`` events."""
+    """One finished loop stall, as taskscope's sink interface reports it."""
 
     at: float
     task: str
@@ -233,41 +237,29 @@ class Block:
     location: str
 
 
-class EventLog:
-    """A structlog-compatible logger for ``Telemetry(logger=...)`` that keeps the events.
-
-    taskscope calls ``logger.info/warning/error(event, **fields)`` directly, from the loop
-    and from its watchdog thread; this keeps counts and the latest loop blocks.
-    """
+class DemoEvents(Sink):
+    """The demo's sink (``Telemetry(sinks=[...])``): keeps the latest loop stalls, the places
+    that stall and the hung tasks, from the records taskscope hands every sink (called
+    from the watchdog thread; a lock keeps the view's reads consistent)."""
 
     def __init__(self, keep: int = 50) -> None:
         self.blocks: deque[Block] = deque(maxlen=keep)
-        self.counts: dict[str, int] = {}
         self.block_sites_seen: dict[tuple[str, str], tuple[int, float]] = {}
         self.hung: dict[str, tuple[float, str]] = {}
-        """Latest ``task.hung`` report per task: (seconds running, where it waits)."""
+        """Latest hung report per task: (seconds running, where it waits)."""
         self._lock = threading.Lock()
 
-    def _event(self, event: str, fields: dict[str, Any]) -> None:
+    def block_ended(self, block: BlockRecord) -> None:
+        finished = Block(time.monotonic(), block.task, block.duration, block.location)
         with self._lock:
-            self.counts[event] = self.counts.get(event, 0) + 1
-            if event == "task.hung":
-                age = float(fields.get("age_s") or 0.0)
-                self.hung[str(fields.get("task"))] = (age, str(fields.get("location")))
-            finished = event == "task.loop_unblocked" or (
-                event == "task.loop_blocked" and not fields.get("ongoing")
-            )
-            if finished:
-                block = Block(
-                    time.monotonic(),
-                    str(fields.get("task")),
-                    float(fields.get("duration_s") or 0.0),
-                    str(fields.get("location")),
-                )
-                self.blocks.append(block)
-                key = (block.task, block.location)
-                count, seconds = self.block_sites_seen.get(key, (0, 0.0))
-                self.block_sites_seen[key] = (count + 1, seconds + block.duration)
+            self.blocks.append(finished)
+            key = (finished.task, finished.location)
+            count, seconds = self.block_sites_seen.get(key, (0, 0.0))
+            self.block_sites_seen[key] = (count + 1, seconds + finished.duration)
+
+    def hung_detected(self, hung: HungRecord) -> None:
+        with self._lock:
+            self.hung[hung.task] = (hung.age, hung.location)
 
     def latest_blocks(self, n: int) -> list[Block]:
         with self._lock:
@@ -280,17 +272,13 @@ class EventLog:
         sites = [(t, loc, n, seconds / n) for (t, loc), (n, seconds) in items]
         return sorted(sites, key=lambda site: -site[2])
 
-    def debug(self, event: str, **fields: Any) -> None:
-        self._event(event, fields)
 
-    def info(self, event: str, **fields: Any) -> None:
-        self._event(event, fields)
+class QuietLogger:
+    """The demo's ``Telemetry(logger=...)``: the live view shows what the log events say
+    (its data comes from the registry and :class:`DemoEvents`), so they are not printed
+    over it."""
 
-    def warning(self, event: str, **fields: Any) -> None:
-        self._event(event, fields)
+    def _drop(self, event: str, **fields: Any) -> None:
+        return
 
-    def error(self, event: str, **fields: Any) -> None:
-        self._event(event, fields)
-
-    def exception(self, event: str, **fields: Any) -> None:
-        self._event(event, fields)
+    debug = info = warning = error = exception = _drop

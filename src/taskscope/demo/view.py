@@ -11,7 +11,7 @@ from taskscope.demo.stats import Histo
 
 if TYPE_CHECKING:
     from taskscope.demo.load import LoadStats
-    from taskscope.demo.stats import Block, EventLog, TaskStats, Window
+    from taskscope.demo.stats import Block, DemoEvents, TaskStats, Window
 
 DEMO_MODULE = "taskscope.demo.app."
 
@@ -62,7 +62,7 @@ class Frame:
 
     title: str
     window: Window
-    events: EventLog
+    events: DemoEvents
     load: LoadStats | None
     metrics_url: str
     found: list[str]
@@ -114,7 +114,7 @@ def load_line(load: LoadStats | None) -> str:
     return f"{line}; last error: {load.last_error}" if load.last_error else line
 
 
-def findings(window: Window, events: EventLog, threads: int) -> list[str]:
+def findings(window: Window, events: DemoEvents, threads: int) -> list[str]:
     """Plain-language statements of what taskscope saw, one per kind of trouble."""
     lines: list[str] = []
     for task in window.tasks:
