@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -22,6 +21,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from taskscope.demo.scaleout import redis_answers
 from tests.prometheus_server import free_port, wait_for
 from tests.system_tools import stop, system_tool
 
@@ -30,15 +30,6 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def redis_binary() -> str:
     return system_tool("redis-server", "redis-server")
-
-
-def _redis_ping(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
-    except OSError:
-        return False
 
 
 @contextmanager
@@ -62,7 +53,7 @@ def running_redis(workdir: Path) -> Iterator[str]:
         stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:
-        wait_for(lambda: process.poll() is None and _redis_ping(port), timeout=10, what="redis")
+        wait_for(lambda: process.poll() is None and redis_answers(port), timeout=10, what="redis")
         yield f"redis://127.0.0.1:{port}"
     finally:
         stop(process)

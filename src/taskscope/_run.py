@@ -301,23 +301,34 @@ def _lean_record(run: TaskRun, key: int, outcome: Outcome, duration: float, wait
     """The full record of a batched-path task (a failure, or reported by the watchdog)."""
     runtime = run.runtime
     runtime.inflight.pop(key, None)
-    runtime.record(
-        TaskRecord(
-            run.name,
-            outcome,
-            False,
-            duration,
-            wait,
-            None,
-            run.error_type,
-            run.error_message,
-            run.trace_id,
-            run.span_id,
-            run.busy,
-            run.blocks,
-            None,
-            run.hung > 0,
-        )
+    runtime.record(_record_of(run, outcome, False, duration, wait))
+
+
+def _record_of(
+    run: TaskRun,
+    outcome: Outcome,
+    sync: bool,
+    duration: float,
+    wait: float,
+    *,
+    thread_wait: float | None = None,
+) -> TaskRecord:
+    """A task's full record, from what its run collected (errors, ids, busy time, hang)."""
+    return TaskRecord(
+        run.name,
+        outcome,
+        sync,
+        duration,
+        wait,
+        thread_wait,
+        run.error_type,
+        run.error_message,
+        run.trace_id,
+        run.span_id,
+        run.busy,
+        run.blocks,
+        None,
+        run.hung > 0,  # reported as hung by the watchdog
     )
 
 
@@ -477,24 +488,11 @@ async def run_one(task: BackgroundTask, cap: Capture, sent_at: float, hook: Any 
                 name, end - start, start - sent_at, run.trace_id, run.span_id, run.busy, run.blocks
             )
         else:
-            runtime.record(
-                TaskRecord(
-                    name,
-                    outcome,
-                    sync,
-                    end - ran_from,
-                    start - sent_at,
-                    (thread_started[0] - start) if thread_started else None,
-                    run.error_type,
-                    run.error_message,
-                    run.trace_id,
-                    run.span_id,
-                    run.busy,
-                    run.blocks,
-                    None,
-                    run.hung > 0,  # reported as hung by the watchdog
-                )
+            thread_wait = (thread_started[0] - start) if thread_started else None
+            record = _record_of(
+                run, outcome, sync, end - ran_from, start - sent_at, thread_wait=thread_wait
             )
+            runtime.record(record)
         if operation is not None:  # FastAPI's span ends after the task's record is made
             if error is None:
                 operation.__exit__(None, None, None)

@@ -226,16 +226,20 @@ def run_suite(
 def confirm(
     python: Path, source: Path, suite: str, mode: str, out: Path, failed: Sequence[str]
 ) -> tuple[set[str], set[str]]:
-    """Run the new failures again, alone and one process: (still failing, flaky).
+    """Run each new failure again, alone in a process of its own: (still failing, flaky).
 
     Some old suites fail a test at random when the garbage collector happens to finalize an
     unclosed stream of an earlier test inside it (``ResourceWarning`` under
-    ``filterwarnings = error``): a real failure fails again; such a one passes.
+    ``filterwarnings = error``): a real failure fails again; such a one passes. Alone
+    means alone: re-run together, one such test's leftover stream can fail the next.
     """
     if not failed or len(failed) > MAX_RECHECKED or any(f.startswith("collect:") for f in failed):
         return set(failed), set()
-    again = run_suite(python, source, suite, mode, 1, out, tests=failed)
-    still = {nodeid for nodeid in failed if nodeid in again.failed}
+    still: set[str] = set()
+    for number, nodeid in enumerate(failed):
+        again = run_suite(python, source, suite, mode, 1, out / str(number), tests=[nodeid])
+        if nodeid in again.failed:
+            still.add(nodeid)
     return still, set(failed) - still
 
 

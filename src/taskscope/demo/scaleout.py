@@ -73,7 +73,8 @@ def _wait(probe: Any, what: str, timeout: float = 20.0) -> None:
         time.sleep(0.1)
 
 
-def _redis_answers(port: int) -> bool:
+def redis_answers(port: int) -> bool:
+    """Whether a redis-server on 127.0.0.1:``port`` answers PING (the tests use it too)."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
             sock.sendall(b"PING\r\n")
@@ -114,7 +115,7 @@ def start_scale_out(broker: str | None, telemetry: Telemetry) -> ScaleOut:
                     stderr=subprocess.DEVNULL,
                 )
             )
-            _wait(lambda: _redis_answers(port), "redis-server")
+            _wait(lambda: redis_answers(port), "redis-server")
             metrics_port = _free_port()
             scale.worker_metrics = f"http://127.0.0.1:{metrics_port}/metrics"
             env = {
