@@ -10,7 +10,9 @@ ts-full            taskscope, spans (SDK provider, BatchSpanProcessor, dropping 
 hand               a hand-written decorator on the task functions: OTel span + Prometheus
                    histogram + failure counter (what teams write instead)
 (diagnostic, on request: ts-bare = taskscope with every signal off; otel-span = one SDK
-span per task with taskscope's attributes, nothing else: async tasks only; ts-full-sdkspan =
+span per task with taskscope's attributes, nothing else: async tasks only;
+ts-metrics-unbatched = ts-metrics with every success recorded as it happens, as before the
+batched hot path; ts-full-sdkspan =
 ts-full with a regular SDK span per task, as before the deferred span)
 fastapi-native     FastAPI's own ``background_task`` spans (``FastAPI(telemetry=...)``)
 
@@ -145,8 +147,12 @@ class Variant:
                 telemetry = Telemetry(
                     registry=self.registry,
                     span_mode="off",
-                    loop_probe=name == "ts-metrics",
+                    loop_probe=name in {"ts-metrics", "ts-metrics-unbatched"},
                 )
+                if name == "ts-metrics-unbatched":  # diagnostic: the per-task record path
+                    from taskscope._runtime import runtime_of
+
+                    runtime_of(telemetry).batching = False
             self.telemetry = telemetry
             self.new = lambda: BackgroundTasks(telemetry=telemetry)
         elif name == "hand":
