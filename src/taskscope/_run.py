@@ -188,7 +188,7 @@ async def run_tasks(
     # only counting sink is the in-process Prometheus collector and the framework opens no
     # per-task context for this request (FastAPI without telemetry): per task a TaskRun,
     # two clock reads, the in-flight entry, the span if tracing, and one append to the
-    # runtime's queue. Every other task takes ``run_one``.
+    # collector's queue (aggregated at scrape). Every other task takes ``run_one``.
     runtime = first._runtime or runtime_of(first)
     lean = runtime.batching and (hook is None or _no_framework_context(hook, tasks, captures))
     if lean:
