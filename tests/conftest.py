@@ -52,7 +52,26 @@ class Observed:
         return result
 
 
+# Set by the ``both_record_paths`` fixture: make_observed() then leaves OTel metrics off,
+# so Prometheus is the only counting sink and successes take the batched hot path.
+_batched_path = False
+
+
+@pytest.fixture(params=["per-task", "batched"])
+def both_record_paths(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Run a test on both record paths: per task (the OTel meter provider is a second
+    counting sink) and batched (Prometheus alone counts; no OTel metrics to read)."""
+    global _batched_path  # read by make_observed, reset after the test
+    _batched_path = request.param == "batched"
+    try:
+        yield request.param
+    finally:
+        _batched_path = False
+
+
 def make_observed(**options: Any) -> Observed:
+    if _batched_path:
+        options.setdefault("otel_metrics", False)
     registry = CollectorRegistry()
     exporter = InMemorySpanExporter()
     tracer_provider = TracerProvider()

@@ -30,6 +30,8 @@ from taskscope._stepping import OUTSIDE
 from tests.conftest import Observed, make_observed
 from tests.scenarios import blocking
 
+pytestmark = pytest.mark.usefixtures("both_record_paths")
+
 WATCHDOG = "taskscope-loop-watchdog"
 
 

@@ -27,7 +27,7 @@ from taskscope import BackgroundTasks
 from tests.conftest import LogRecorder, Observed, make_observed
 from tests.scenarios import blocking, markers, quiet
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("both_record_paths")]
 THRESHOLD = 0.1
 BLOCKING_FILE = os.path.realpath(blocking.__file__)
 

@@ -11,7 +11,7 @@ import pytest
 from taskscope import BackgroundTask, BackgroundTasks, TelemetryMiddleware
 from tests.conftest import Observed, make_observed
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("both_record_paths")]
 P = "tests.test_outcomes."
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, StatusCode
 from starlette.applications import Starlette
@@ -12,6 +13,8 @@ from starlette.testclient import TestClient
 
 from taskscope import BackgroundTasks
 from tests.conftest import Observed, make_observed
+
+pytestmark = pytest.mark.usefixtures("both_record_paths")
 
 
 def _app_with_request_span(

@@ -21,6 +21,8 @@ import taskscope
 from taskscope import TelemetryMiddleware
 from tests.conftest import Observed
 
+pytestmark = pytest.mark.usefixtures("both_record_paths")
+
 Classes = tuple[type[StarletteBackgroundTask], type[StarletteBackgroundTasks]]
 
 
