@@ -175,10 +175,10 @@ async def test_successes_wait_for_the_scrape_then_count_once() -> None:
     tasks = BackgroundTasks(telemetry=telemetry)
     tasks.add_task(ok)
     await tasks()
-    assert len(runtime.pending) == 1  # queued, not aggregated on the loop
+    assert len(runtime.prometheus.pending) == 1  # queued, not aggregated on the loop
     labels = {"task": P + "ok", "outcome": "success"}
     assert registry.get_sample_value("taskscope_tasks_total", labels) == 1
-    assert not runtime.pending
+    assert not runtime.prometheus.pending
     assert registry.get_sample_value("taskscope_tasks_total", labels) == 1  # not twice
     duration = {"task": P + "ok", "outcome": "success", "le": "+Inf"}
     assert registry.get_sample_value("taskscope_task_duration_seconds_bucket", duration) == 1
@@ -192,7 +192,7 @@ async def test_the_loop_drains_every_so_many_successes() -> None:
         tasks = BackgroundTasks(telemetry=telemetry)
         tasks.add_task(ok)
         await tasks()
-    assert not runtime.pending  # drained by the response that reached DRAIN_EVERY
+    assert not runtime.prometheus.pending  # drained by the response that reached DRAIN_EVERY
     assert telemetry.registry is not None
     total = telemetry.registry.get_sample_value(
         "taskscope_tasks_total", {"task": P + "ok", "outcome": "success"}
@@ -246,7 +246,7 @@ async def test_exit_counts_what_ended_before_it_and_nothing_after() -> None:
     tasks = BackgroundTasks(telemetry=telemetry)
     tasks.add_task(ok)
     await tasks()
-    assert runtime.pending
+    assert runtime.prometheus.pending
     runtime.abandon_inflight()  # what the exit hook does
     later = BackgroundTasks(telemetry=telemetry)
     later.add_task(ok)
@@ -273,7 +273,7 @@ async def test_a_sink_added_later_gets_records_and_earlier_successes_stay_counte
             seen.append(record)
 
     runtime.add_sink("sinks", Sink())
-    assert not runtime.pending
+    assert not runtime.prometheus.pending
     assert not runtime.batching
     tasks = BackgroundTasks(telemetry=telemetry)
     tasks.add_task(ok)
@@ -332,7 +332,7 @@ async def test_traced_successes_carry_their_exemplar() -> None:
     tasks = BackgroundTasks(telemetry=telemetry)
     tasks.add_task(ok)
     await tasks()
-    assert runtime_of(telemetry).pending
+    assert runtime_of(telemetry).prometheus.pending
     (span,) = exporter.get_finished_spans()
     assert span.context is not None
     trace_id = format(span.context.trace_id, "032x")

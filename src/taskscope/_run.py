@@ -193,7 +193,7 @@ async def run_tasks(
     lean = runtime.batching and (hook is None or _no_framework_context(hook, tasks, captures))
     if lean:
         inflight = runtime.inflight
-        pending = runtime.pending
+        pending = runtime.prometheus.pending
         threshold = first.block_threshold
         probing = first.loop_probe and probe_for(runtime) is not None
         tracing = runtime.tracing

@@ -7,7 +7,7 @@ import contextlib
 import contextvars
 import threading
 import weakref
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable
 from types import FunctionType
 from typing import TYPE_CHECKING, Any
@@ -103,9 +103,8 @@ class Runtime:
         self.inflight: dict[int, tuple[str, float | None, Any]] = {}
         self.exited = False
         # The batched hot path (see ``batching``): async successes queued in the
-        # Prometheus collector's deque (it outlives this runtime), aggregated by
-        # :meth:`drain` at scrape, at exit, and by the loop every ``DRAIN_EVERY`` records.
-        self.pending: deque[tuple[str, float, float, float, str | None, float]] = deque()
+        # Prometheus collector's ``pending`` deque (it outlives this runtime), aggregated
+        # by :meth:`drain` at scrape, at exit, and by the loop every ``DRAIN_EVERY`` records.
         self.batching = False
         self._inflight_lock = threading.Lock()
         self.hung_lock = threading.Lock()
@@ -173,8 +172,6 @@ class Runtime:
             and not self._progress_sinks
             and hasattr(self.prometheus, "pending")
         )
-        if self.batching:
-            self.pending = self.prometheus.pending
 
     def add_sink(self, name: str, sink: Any) -> None:
         """Feed ``sink`` every record, block, hang, lag and warning from now on."""
@@ -298,10 +295,11 @@ class Runtime:
 
     def drain(self) -> None:
         """Aggregate the successes queued by the batched hot path (any thread)."""
-        if not self.pending:
+        drain = getattr(self.prometheus, "drain", None)
+        if drain is None:  # no in-process collector: nothing is ever queued
             return
         try:
-            self.prometheus.drain()
+            drain()
         except Exception:
             self.absorb("prometheus")
 
