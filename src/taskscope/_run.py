@@ -209,10 +209,12 @@ async def run_tasks(
                 if cap is None:  # a nested collection: Starlette awaits it in its turn
                     await _run_nested(task, explicit, keep_going)
                 elif lean and cap.kind is Kind.PLAIN and cap.telemetry is first and task.is_async:
-                    name = cap._name or cap.name  # set by _account
+                    name = cap.name  # computed by _account, cached on the capture
                     run = TaskRun(name, runtime, threshold)
                     key = id(task)
                     start = clock()
+                    # Runtime.run_started/run_ended, inlined: a batching runtime has no
+                    # sink keeping its own in-progress gauge to tell.
                     inflight[key] = (name, start, run)
                     span = (
                         _start_span(runtime, run, cap, False, start - sent_at) if tracing else None
@@ -362,8 +364,7 @@ def _account(
         cap.accounted = True
         telemetry = cap.telemetry or cap.resolve(explicit)
         runtime = telemetry._runtime or runtime_of(telemetry)
-        name = cap._name or cap.name  # computed once per task, here
-        runtime.inflight[id(task)] = (name, None, None)  # tracked: an outcome is due
+        runtime.track(id(task), cap.name, None)  # tracked: an outcome is due
         captures.append(cap)
 
 
