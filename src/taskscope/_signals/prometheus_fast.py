@@ -255,27 +255,10 @@ class FastMetrics:
         self, name: str, duration: float, wait: float | None, trace_id: str | None, busy: float
     ) -> None:
         """The common record (an in-process task that succeeded), without a TaskRecord:
-        the series of ``name`` are looked up once, then each task is one lock, one counter
-        and two bucket increments."""
+        one lock, then :meth:`_add_success`."""
+        seen_at = time.time() if trace_id is not None else 0.0
         with self._lock:
-            hot = self._hot.get(name)
-            if hot is None:
-                hot = self._hot_series(name)
-            key, duration_child, wait_child = hot
-            values = self.tasks.values
-            values[key] += 1.0  # created at 0 with the name (zero_series)
-            if trace_id is None:  # _Histogram.observe, inlined
-                duration_child.counts[bisect_left(self._duration_bounds, duration)] += 1
-                duration_child.sum += duration
-            else:
-                duration_child.observe(
-                    bisect_left(self._duration_bounds, duration), duration, trace_id
-                )
-            if wait is not None:
-                wait_child.counts[bisect_left(self._wait_bounds, wait)] += 1
-                wait_child.sum += wait
-            if busy > 0.0:
-                self.loop_busy.inc((name,), busy)
+            self._add_success(name, duration, wait, busy, trace_id, seen_at)
 
     def drain(self) -> None:
         """Aggregate the successes queued in :attr:`pending` by the batched hot path
@@ -286,30 +269,41 @@ class FastMetrics:
         if not pending:
             return
         take = pending.popleft
-        duration_bounds = self._duration_bounds
-        wait_bounds = self._wait_bounds
-        values = self.tasks.values
+        add = self._add_success
         with self._lock:
-            hot_series = self._hot
             while pending:
                 try:
-                    name, duration, wait, busy, trace_id, seen_at = take()
+                    success = take()
                 except IndexError:  # drained meanwhile by another thread
                     break
-                hot = hot_series.get(name)
-                if hot is None:
-                    hot = self._hot_series(name)
-                key, duration_child, wait_child = hot
-                values[key] += 1.0
-                index = bisect_left(duration_bounds, duration)
-                duration_child.counts[index] += 1
-                duration_child.sum += duration
-                if trace_id is not None:
-                    duration_child.exemplar(index, trace_id, duration, seen_at)
-                wait_child.counts[bisect_left(wait_bounds, wait)] += 1
-                wait_child.sum += wait
-                if busy > 0.0:
-                    self.loop_busy.inc((name,), busy)
+                add(*success)
+
+    def _add_success(  # noqa: PLR0917 - one queued success, as queued
+        self,
+        name: str,
+        duration: float,
+        wait: float | None,
+        busy: float,
+        trace_id: str | None,
+        seen_at: float,
+    ) -> None:
+        """Count one success (call with the lock): the series of ``name`` looked up once
+        (``_hot``), one counter and two bucket increments, the exemplar if traced."""
+        hot = self._hot.get(name)
+        if hot is None:
+            hot = self._hot_series(name)
+        key, duration_child, wait_child = hot
+        self.tasks.values[key] += 1.0  # created at 0 with the name (zero_series)
+        index = bisect_left(self._duration_bounds, duration)
+        duration_child.counts[index] += 1
+        duration_child.sum += duration
+        if trace_id is not None:
+            duration_child.exemplar(index, trace_id, duration, seen_at)
+        if wait is not None:
+            wait_child.counts[bisect_left(self._wait_bounds, wait)] += 1
+            wait_child.sum += wait
+        if busy > 0.0:
+            self.loop_busy.inc((name,), busy)
 
     def _hot_series(self, name: str) -> tuple[Key, _Histogram, _Histogram]:
         """The series a success of ``name`` updates (call with the lock; the histograms are
