@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 
 import pytest
+
+from taskscope.demo.scaleout import stop_process
 
 
 def system_tool(name: str, package: str) -> str:
@@ -25,11 +26,5 @@ def system_tool(name: str, package: str) -> str:
     return found
 
 
-def stop(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM, then SIGKILL if the process has not exited 10 s later; reaped either way."""
-    process.terminate()
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+# SIGTERM, then SIGKILL after 10 s; reaped either way (the demo's scale-out uses it too).
+stop = stop_process

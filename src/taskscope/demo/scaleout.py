@@ -49,12 +49,18 @@ class ScaleOut:
     def stop(self) -> None:
         for child in reversed(self.children):  # the worker first, then redis
             if child.poll() is None:
-                child.terminate()
-                try:
-                    child.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    child.kill()
-                    child.wait()
+                stop_process(child)
+
+
+def stop_process(process: subprocess.Popen[Any]) -> None:
+    """SIGTERM, then SIGKILL if the process has not exited 10 s later; reaped either way
+    (the tests stop the processes they start with it too)."""
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def _free_port() -> int:
