@@ -55,6 +55,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse  # noq
 from starlette.routing import Route  # noqa: E402
 
 from taskscope import BackgroundTasks, Telemetry  # noqa: E402
+from taskscope._record import OUTSIDE_TASKS  # noqa: E402
 
 registry = CollectorRegistry()
 _otlp: Any = None
@@ -220,12 +221,19 @@ def snapshot(*, final: bool = False) -> dict[str, Any]:
     outcomes: Counter[str] = Counter()
     by_task: dict[str, float] = {}
     series = 0
+    stall_series = 0  # born with a label's first stall (bounded, not a leak)
+    stalled: set[str] = set()
     lag_hist = {"count": 0.0, "sum": 0.0}
     otlp_failures: dict[str, float] = {}
     warnings: dict[str, float] = {}
     thread_wait = {"count": 0.0, "sum": 0.0}
     for metric in registry.collect():
         series += len(metric.samples)
+        if metric.name == "taskscope_task_loop_block_seconds":
+            stall_series += len(metric.samples)
+            stalled.update(sample.labels["task"] for sample in metric.samples)
+        elif metric.name == "taskscope_task_loop_blocks":  # "outside tasks": first stall
+            stall_series += sum(s.labels["task"] == OUTSIDE_TASKS for s in metric.samples)
         for sample in metric.samples:
             if sample.name == "taskscope_tasks_total":
                 if not sample.value:  # the zeros created for the alert rules
@@ -253,8 +261,11 @@ def snapshot(*, final: bool = False) -> dict[str, Any]:
         "expected": dict(expected),
         "outcomes": dict(outcomes),
         "distinct_tasks": len({key.split("|")[0] for key in by_task}),
+        "task_names": sorted({key.split("|")[0] for key in by_task}),
         "started": dict(started),
         "series": series,
+        "stall_series": stall_series,
+        "stalled": sorted(stalled),
         "lag": {
             "n": len(values),
             "p50": _quantile(values, 0.5),
