@@ -15,6 +15,8 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from tests.reliability.harness import load, report, running
 
+pytestmark = pytest.mark.slow  # real uvicorn processes: make test, not make check
+
 HOLDS = 8  # 4 async + 4 sync tasks of 30 s, each with 2 queued behind it
 QUICK = 50 * 8  # finished before the signal
 

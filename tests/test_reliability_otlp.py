@@ -18,6 +18,8 @@ from tests.otlp_receiver import OtlpReceiver
 from tests.reliability.collectors import ClosedCollector, SlowCollector
 from tests.reliability.harness import lag_ms, load, mb, paced, report, running, settled
 
+pytestmark = pytest.mark.slow  # real uvicorn processes: make test, not make check
+
 TASKS = 4_000
 PER_REQUEST = 8
 CONCURRENCY = 200

@@ -30,6 +30,8 @@ from tests.reliability.harness import (
     wait_for,
 )
 
+pytestmark = pytest.mark.slow  # real uvicorn processes: make test, not make check
+
 TASKS = 10_000
 PER_REQUEST = 8  # every 10th task fails: failures land at every position, so some skip
 CONCURRENCY = 200
