@@ -326,7 +326,10 @@ def test_task_outcomes_as_scraped(prometheus: PrometheusServer) -> None:
         for sample in prometheus.query("sum by (error_type) (taskscope_task_failures_total)")
     }
     assert errors == {"ValueError": 2.0, "KeyError": 2.0}
-    assert prometheus.value("sum(taskscope_task_loop_blocks_total)") == 2.0
+    # Both 150 ms blocks, blamed on their task. (A starved CI machine can stall the loop
+    # elsewhere too: that is a real stall, counted under its own label, not asserted here.)
+    blocker = 'taskscope_task_loop_blocks_total{task="tests.promapp.blocks_the_loop"}'
+    assert prometheus.value(f"sum({blocker})") == 2.0
 
 
 def test_duration_exemplars_carry_trace_ids(promapp: App, prometheus: PrometheusServer) -> None:
