@@ -15,8 +15,8 @@ only with the probe on. A server's loop pays it with or without the probe, so th
 ``server`` row shows what the probe adds there.
 
 Both variants record Prometheus metrics, no spans, and log to a logger that drops the
-events. (The tasks workload never yields to the loop: each round is one long stall, which
-the probe reports; the console would cost more than the probe.) Target: on/off <= 1.05.
+events. (A busy machine can still stall a round's loop, and the probe reports the stall;
+printing it to a console would cost more than the probe.) Target: on/off <= 1.05.
 
     .venv/bin/python bench/probe_cost.py [--quick] [--rounds N]
 """
